@@ -1,0 +1,232 @@
+"""params.yaml, read into one frozen dataclass per section.
+
+Each stage reads only its own section. Unknown keys, missing keys, wrong types and values out of
+range all raise :class:`ConfigError` with one line that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ml.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def _check(check: str, doc: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata: a range/choice check (see :func:`_validate_value`) and a one-line doc."""
+    return {"check": check, "doc": doc, **extra}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """prepare: where the raw data comes from and how it is split."""
+
+    source: str = field(metadata=_check("nonempty", "`sklearn:digits`, or a path to a .csv/.parquet file"))
+    label_column: str = field(metadata=_check("nonempty", "name of the label column in a CSV/Parquet source"))
+    raw_dir: str = field(metadata=_check("nonempty", "directory the raw dataset is materialized into (DVC out)"))
+    processed_dir: str = field(metadata=_check("nonempty", "directory of train/val/test Parquet splits (DVC out)"))
+    test_size: float = field(metadata=_check("open_unit", "fraction of rows held out for test, in (0, 1)"))
+    val_size: float = field(metadata=_check("open_unit", "fraction of rows held out for validation, in (0, 1)"))
+    seed: int = field(metadata=_check("nonneg", "seed of the stratified split"))
+
+    def __post_init__(self) -> None:
+        if self.test_size + self.val_size >= 1:
+            raise ConfigError("data.test_size + data.val_size: expected a sum below 1, "
+                              f"got {self.test_size + self.val_size:g}")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """validate: the data contract every split must meet (a Great Expectations suite)."""
+
+    min_rows: int = field(metadata=_check("positive", "minimum row count of each split"))
+    num_features: int | None = field(metadata=_check("positive_or_none", "expected feature count, or null to accept the prepared schema"))
+    num_classes: int | None = field(metadata=_check("positive_or_none", "expected class count (labels 0..n-1), or null to accept the prepared schema"))
+    feature_min: float | None = field(metadata=_check("any", "lowest allowed feature value, or null for no bound"))
+    feature_max: float | None = field(metadata=_check("any", "highest allowed feature value, or null for no bound"))
+    min_class_fraction: float = field(metadata=_check("unit", "smallest share of rows any class may have, in [0, 1]"))
+    max_class_fraction: float = field(metadata=_check("unit", "largest share of rows any class may have, in [0, 1]"))
+    report: str = field(metadata=_check("nonempty", "path of the JSON validation report (DVC out)"))
+
+    def __post_init__(self) -> None:
+        if self.feature_min is not None and self.feature_max is not None and self.feature_min > self.feature_max:
+            raise ConfigError("validate.feature_min: expected a value <= validate.feature_max, "
+                              f"got {self.feature_min} > {self.feature_max}")
+        if self.min_class_fraction > self.max_class_fraction:
+            raise ConfigError("validate.min_class_fraction: expected a value <= validate.max_class_fraction")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """train: the model, the optimizer and the loop."""
+
+    hidden_sizes: tuple[int, ...] = field(metadata=_check("positive_items", "widths of the MLP's hidden layers, e.g. [128, 64]"))
+    dropout: float = field(metadata=_check("half_open_unit", "dropout probability after each hidden layer, in [0, 1)"))
+    lr: float = field(metadata=_check("positive", "AdamW learning rate, > 0"))
+    weight_decay: float = field(metadata=_check("nonneg", "AdamW weight decay, >= 0"))
+    batch_size: int = field(metadata=_check("positive", "samples per optimizer step"))
+    epochs: int = field(metadata=_check("positive", "passes over the training split"))
+    seed: int = field(metadata=_check("nonneg", "seed of weights init, dropout and shuffling"))
+    device: str = field(metadata=_check("choice", "where to train", choices=("auto", "cpu", "cuda")))
+    model_dir: str = field(metadata=_check("nonempty", "directory of the trained weights (DVC out)"))
+    run_file: str = field(metadata=_check("nonempty", "JSON file naming the MLflow run of this training (DVC out)"))
+    metrics_file: str = field(metadata=_check("nonempty", "per-epoch metrics as JSON lines (DVC plot)"))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """evaluate: test-set metrics, written as DVC metrics/plots and logged to the run."""
+
+    metrics_file: str = field(metadata=_check("nonempty", "JSON test metrics (DVC metrics)"))
+    predictions_file: str = field(metadata=_check("nonempty", "CSV of actual/predicted labels (DVC confusion plot)"))
+    confusion_png: str = field(metadata=_check("nonempty", "rendered confusion matrix (DVC image plot)"))
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """register: the quality gate and the registered model the version goes to."""
+
+    model_name: str = field(metadata=_check("nonempty", "registered model name in the MLflow registry"))
+    min_test_accuracy: float = field(metadata=_check("unit", "the version is registered only at or above this test accuracy"))
+    output: str = field(metadata=_check("nonempty", "JSON record of the registered version (DVC out)"))
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: where runs and the registry live."""
+
+    uri: str = field(metadata=_check("nonempty", "tracking URI: sqlite:///mlflow.db (embedded) or http://host:port"))
+    experiment: str = field(metadata=_check("nonempty", "MLflow experiment name"))
+    artifact_root: str = field(metadata=_check("nonempty", "artifact root for new experiments on a local store"))
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml."""
+
+    data: DataConfig
+    validate: ValidateConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    register: RegisterConfig
+    tracking: TrackingConfig
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Checks ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if value is None:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got null")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _validate_value(key: str, value: Any, meta: dict[str, Any]) -> None:
+    check = meta["check"]
+    if value is None:
+        return
+    bad = {
+        "nonempty": lambda v: not str(v).strip(),
+        "positive": lambda v: not v > 0,
+        "positive_or_none": lambda v: not v > 0,
+        "nonneg": lambda v: v < 0,
+        "unit": lambda v: not 0 <= v <= 1,
+        "open_unit": lambda v: not 0 < v < 1,
+        "half_open_unit": lambda v: not 0 <= v < 1,
+        "positive_items": lambda v: len(v) == 0 or any(x <= 0 for x in v),
+        "choice": lambda v: v not in meta["choices"],
+        "any": lambda v: False,
+    }[check](value)
+    if bad:
+        expected = meta["doc"]
+        if check == "choice":
+            expected = "one of " + ", ".join(meta["choices"])
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def build_section(cls: type, section: str, raw: Any) -> Any:
+    """Builds the dataclass ``cls`` from the mapping ``raw`` read at ``section``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}: unknown key; expected one of {', '.join(names)}")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"{section}.{missing[0]}: missing key ({cls.__dataclass_fields__[missing[0]].metadata['doc']})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = f"{section}.{f.name}"
+        value = _coerce(key, raw[f.name], hints[f.name])
+        _validate_value(key, value, dict(f.metadata))
+        values[f.name] = value
+    return cls(**values)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Reads and checks the whole params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    hints = typing.get_type_hints(Params)
+    names = [f.name for f in dataclasses.fields(Params)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; expected one of {', '.join(names)}")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing section")
+    return Params(**{n: build_section(hints[n], n, raw[n]) for n in names})
+
+
+def section_keys(cls: type, section: str) -> list[str]:
+    """The dotted params keys a section's dataclass reads (what dvc.yaml must declare)."""
+    return [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A dataclass tree as flat ``section.key`` -> value (for logging as run params)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
