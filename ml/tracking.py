@@ -84,6 +84,7 @@ def machine_tags() -> dict[str, str]:
     return {
         "host": socket.gethostname(),
         "os_user": getpass.getuser(),
+        "mlflow.user": getpass.getuser(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

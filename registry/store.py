@@ -38,11 +38,12 @@ class VersionRecord:
                 "history": list(self.history)}
 
 
-def _record(mv: Any) -> VersionRecord:
+def _record(mv: Any, aliases: tuple[str, ...] | None = None) -> VersionRecord:
     tags = dict(mv.tags or {})
     history = tuple(json.loads(tags.get(HISTORY_TAG, "[]")))
+    aliases = tuple(getattr(mv, "aliases", []) or []) if aliases is None else aliases
     return VersionRecord(mv.name, str(mv.version), tags.get(STATUS_TAG, PENDING), mv.run_id, mv.source,
-                         tuple(getattr(mv, "aliases", []) or []), tags, history)
+                         aliases, tags, history)
 
 
 def get_version(client: Any, name: str, version: str | int) -> VersionRecord:
@@ -55,8 +56,11 @@ def get_version(client: Any, name: str, version: str | int) -> VersionRecord:
 
 
 def list_versions(client: Any, name: str) -> list[VersionRecord]:
+    # search results carry no aliases; the registered model has them all
+    aliases = client.get_registered_model(name).aliases or {}
     versions = client.search_model_versions(f"name = '{name}'")
-    return sorted((_record(mv) for mv in versions), key=lambda r: int(r.version))
+    return sorted((_record(mv, tuple(a for a, v in aliases.items() if str(v) == str(mv.version)))
+                   for mv in versions), key=lambda r: int(r.version))
 
 
 def champion(client: Any, name: str) -> VersionRecord | None:

@@ -1,0 +1,170 @@
+"""``mlops``: what is not already a dvc, prefect or mlflow command.
+
+    mlops up                                   local MLflow UI + Prefect server, deployments and worker
+    mlops models list|show|history|approve|reject|promote|rollback
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ml.errors import ConfigError, cli_errors
+
+
+def tracking_uri(args: argparse.Namespace) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else tracking.uri of the params file."""
+    if args.tracking_uri:
+        return args.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    from ml.config import load_params
+
+    return load_params(args.params).tracking.uri
+
+
+def current_user() -> str:
+    """Against an mlflow server with basic auth the approver is the authenticated user."""
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
+def client_for(args: argparse.Namespace) -> Any:
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(args)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def print_record(record: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record.to_dict(), indent=2))
+        return
+    aliases = f" [{', '.join(record.aliases)}]" if record.aliases else ""
+    print(f"{record.name} v{record.version}{aliases}: {record.status}")
+    for key in ("test_accuracy", "dataset_md5", "dataset_source", "git_commit", "source_run_id"):
+        if key in record.tags:
+            print(f"  {key}: {record.tags[key]}")
+    for event in record.history:
+        flag = " (self-approval)" if event.get("self_approval") else ""
+        print(f"  {event['at']}  {event['from_status']} -> {event['to_status']} by {event['by']}{flag}: {event['reason']}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from registry import store
+    from registry.approval import APPROVED, REJECTED
+
+    client = client_for(args)
+    if args.action == "list":
+        names = [args.name] if args.name else [m.name for m in client.search_registered_models()]
+        for name in names:
+            for record in store.list_versions(client, name):
+                print_record(record, args.json) if args.json else print(
+                    f"{record.name} v{record.version}"
+                    f"{' [' + ', '.join(record.aliases) + ']' if record.aliases else ''}: {record.status}"
+                    f"  accuracy={record.tags.get('test_accuracy', '?')}")
+        return
+    if args.action == "rollback":
+        print_record(store.rollback(client, args.name, current_user()), args.json)
+        return
+    if args.action in ("show", "history"):
+        record = store.get_version(client, args.name, args.version)
+        if args.action == "history":
+            print(json.dumps(list(record.history), indent=2))
+        else:
+            print_record(record, args.json)
+        return
+    if args.action in ("approve", "reject"):
+        target = APPROVED if args.action == "approve" else REJECTED
+        record = store.decide(client, args.name, args.version, target, args.approver or current_user(),
+                              args.reason, allow_self_approval=args.allow_self_approval)
+        print_record(record, args.json)
+        return
+    if args.action == "promote":
+        print_record(store.promote(client, args.name, args.version, current_user()), args.json)
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    """Starts the local servers and keeps them up until Ctrl-C."""
+    from deploy import services
+
+    uri = tracking_uri(args)
+    if not uri.startswith(("sqlite:", "postgresql:", "mysql:")):
+        raise ConfigError(f"tracking.uri: `mlops up` serves a database store, got {uri!r}")
+    from ml.config import load_params
+
+    artifacts = load_params(args.params).tracking.artifact_root
+    logs = Path(".mlops-logs")
+    logs.mkdir(exist_ok=True)
+    procs = []
+    try:
+        procs.append(services.start_mlflow(uri, artifacts, args.mlflow_port, log=logs / "mlflow.log"))
+        print(f"MLflow UI:   http://127.0.0.1:{args.mlflow_port}")
+        if not args.no_prefect:
+            env = services.prefect_env(args.prefect_port)
+            procs.append(services.start_prefect(args.prefect_port, log=logs / "prefect-server.log"))
+            services.deploy_flows(".", env)
+            procs.append(services.start_worker(".", env, log=logs / "prefect-worker.log"))
+            print(f"Prefect UI:  http://127.0.0.1:{args.prefect_port}")
+            print(f"Run the pipeline:  export PREFECT_API_URL={env['PREFECT_API_URL']}")
+            print("                   .venv/bin/prefect deployment run 'training-pipeline/local'")
+        print(f"Logs in {logs}/. Ctrl-C stops everything.")
+        sys.stdout.flush()
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        dead = next(p for p in procs if p.poll() is not None)
+        raise SystemExit(f"error: {Path(dead.args[0]).name} exited with {dead.returncode}; see {logs}/")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in reversed(procs):
+            services.stop(proc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlops", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (for tracking.uri)")
+    parser.add_argument("--tracking-uri", help="MLflow store or server (default: tracking.uri of params)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="MLflow UI on the pipeline's store, Prefect server, deployments and worker")
+    up.add_argument("--mlflow-port", type=int, default=5000)
+    up.add_argument("--prefect-port", type=int, default=4200)
+    up.add_argument("--no-prefect", action="store_true", help="only the MLflow UI")
+    up.set_defaults(func=cmd_up)
+
+    models = sub.add_parser("models", help="the approval-gated model registry")
+    actions = models.add_subparsers(dest="action", required=True)
+    for action, help_text in (("list", "versions and their approval status"), ("show", "one version"),
+                              ("history", "a version's approval history as JSON"),
+                              ("approve", "PendingManualApproval -> Approved"),
+                              ("reject", "PendingManualApproval or Approved -> Rejected"),
+                              ("promote", "point the champion alias at an Approved version"),
+                              ("rollback", "give champion back to the previous version")):
+        p = actions.add_parser(action, help=help_text)
+        p.add_argument("name", nargs="?" if action == "list" else None)
+        if action not in ("list", "rollback"):
+            p.add_argument("version")
+        if action in ("approve", "reject"):
+            p.add_argument("--reason", required=True, help="why; kept in the history")
+            p.add_argument("--approver", help="default: the authenticated MLflow user, else the OS user")
+            p.add_argument("--allow-self-approval", action="store_true",
+                           help="let the run's author approve (recorded in the history)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_models)
+    return parser
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
