@@ -120,13 +120,7 @@ class MetricBuffer:
         Retries the spool once first, so a flush after the store came back empties it. Waits at
         most ``timeout`` seconds for a drain already running in the buffer's thread.
         """
-        if not self._io_lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
-            return self.counters()
-        try:
-            self._drain(force_retry=True)
-        finally:
-            self._io_lock.release()
-        return self.counters()
+        return self._flush(timeout, force_retry=True)
 
     def close(self, timeout: float | None = None) -> BufferCounters:
         """Drains everything, stops the thread and returns the counters. Safe to call again.
@@ -139,7 +133,19 @@ class MetricBuffer:
         self._wake.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
-        return self.flush(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        # The thread's last drain already retried the spool; retrying again would only wait on a
+        # store that just failed. A thread that did not finish leaves the retry to this drain.
+        return self._flush(None if deadline is None else max(deadline - time.monotonic(), 0.0),
+                           force_retry=self._thread.is_alive())
+
+    def _flush(self, timeout: float | None, force_retry: bool) -> BufferCounters:
+        if not self._io_lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            return self.counters()
+        try:
+            self._drain(force_retry=force_retry)
+        finally:
+            self._io_lock.release()
+        return self.counters()
 
     @property
     def closed(self) -> bool:
@@ -221,6 +227,7 @@ class _Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._offset_path = path.with_name(path.name + ".offset")
+        self._drop_torn_tail()
         self._offset = self._read_offset()
         self._lines = self._count_lines_after(self._offset)
 
@@ -249,12 +256,15 @@ class _Spool:
             position = self._offset
             for raw in f:
                 if not raw.endswith(b"\n"):
-                    # A crash cut the last write short: that point was never acknowledged.
-                    _logger.warning("ignoring a torn last line in %s", self.path)
                     break
                 position += len(raw)
-                key, value, timestamp_ms, step = json.loads(raw)
-                chunk.append(MetricRecord(key, float(value), int(timestamp_ms), int(step)))
+                try:
+                    key, value, timestamp_ms, step = json.loads(raw)
+                    chunk.append(MetricRecord(key, float(value), int(timestamp_ms), int(step)))
+                except (ValueError, TypeError):
+                    # One unreadable line must not hold back everything behind it forever.
+                    _logger.error("skipping an unreadable spool line in %s: %r", self.path, raw[:200])
+                    continue
                 if len(chunk) == size:
                     yield chunk, position
                     chunk = []
@@ -283,10 +293,24 @@ class _Spool:
         self._offset = 0
         self._lines = 0
 
+    def _drop_torn_tail(self) -> None:
+        """Cuts a last line left without its newline by a crash mid-write (never acknowledged)."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "r+b") as f:
+            data = f.read()
+            if data.endswith(b"\n"):
+                return
+            _logger.warning("dropping a torn last line in %s", self.path)
+            f.truncate(data.rfind(b"\n") + 1)
+            os.fsync(f.fileno())
+
     def _read_offset(self) -> int:
         try:
             offset = int(self._offset_path.read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
+            # No offset file (nothing replayed yet), or an unusable spool path that the first
+            # spool write will report.
             return 0
         size = self.path.stat().st_size if self.path.exists() else 0
         return offset if offset <= size else size

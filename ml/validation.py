@@ -118,7 +118,8 @@ def format_failures(report: dict[str, Any]) -> str:
             column = f["kwargs"].get("column")
             where = f"{split_name}" + (f".{column}" if column else "") + (f" ({f['table']})" if "table" in f else "")
             if "unexpected_count" in f:
-                what = f"{f['unexpected_count']} of {f.get('element_count', '?')} rows broke it"
+                unit = "classes" if "table" in f else "rows"
+                what = f"{f['unexpected_count']} of {f.get('element_count', '?')} {unit} broke it"
                 if f.get("partial_unexpected_list"):
                     what += f", e.g. {f['partial_unexpected_list'][:3]}"
             elif "observed_value" in f:

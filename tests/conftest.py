@@ -1,0 +1,71 @@
+"""Shared fixtures: a project directory in tmp with a small params.yaml, so each test works on its
+own files and its own MLflow store, with relative paths as a user's checkout has them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def base_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def small_params(**overrides: dict) -> dict:
+    """The repository's params with a short training run; ``overrides`` maps section -> {key: value}."""
+    params = base_params()
+    params["train"]["epochs"] = 3
+    params["train"]["hidden_sizes"] = [32]
+    params["register"]["min_test_accuracy"] = 0.5
+    for section, values in overrides.items():
+        params[section].update(values)
+    return params
+
+
+def write_params(directory: Path, params: dict) -> Path:
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """An empty working directory with a small params.yaml; the test runs inside it."""
+    write_params(tmp_path, small_params())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
+    """``python -m module args`` in ``cwd`` with the repository importable."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([PYTHON, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def copy_repo(dest: Path) -> Path:
+    """The tracked files of the repository (as a fresh clone has them), committed in a new git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
