@@ -357,8 +357,12 @@ class CheckpointManager:
             logger.exception("checkpoint save failed while handling another error")
 
     def load_latest_valid(self, tier: str = "training") -> LoadedCheckpoint | None:
-        """The newest checkpoint that verifies: the ``latest`` pointer's target first, then the
-        others newest first. Corrupt ones are skipped, logged and listed in ``skipped``.
+        """The newest committed checkpoint (by commit order) that verifies. Newer ones that do not
+        verify, and visible directories that are not committed checkpoints, are skipped, logged
+        and listed in ``skipped``.
+
+        This may be newer than :meth:`latest` by one checkpoint: a crash between a commit and the
+        pointer update leaves a complete checkpoint the pointer does not name yet.
 
         Returns:
             None when the tier holds no checkpoint at all.
@@ -368,12 +372,7 @@ class CheckpointManager:
         """
         committed, rejected = scan_tier(self.tier_dir(tier))
         skipped = list(rejected)
-        names = [name for name, _ in reversed(committed)]
-        pointed = self._pointer_target(tier, names)
-        if pointed is not None:
-            names.remove(pointed)
-            names.insert(0, pointed)
-        for name in names:
+        for name, _ in reversed(committed):
             try:
                 state = self.load_checkpoint(tier, name)
             except CheckpointCorrupt as exc:

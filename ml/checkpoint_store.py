@@ -67,10 +67,6 @@ class Snapshot:
     tree_json: bytes
     groups: dict[str, dict[str, torch.Tensor]]
 
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for g in self.groups.values() for t in g.values())
-
     def writers(self) -> dict[str, Callable[[Path], None]]:
         from safetensors.torch import save_file
 
@@ -142,9 +138,10 @@ def snapshot_state(state: Mapping[str, Any], buffers: dict[str, torch.Tensor]) -
             return {_TUPLE: [encode(v, fname, f"{path}.{i}") for i, v in enumerate(obj)]}
         if isinstance(obj, list):
             return [encode(v, fname, f"{path}.{i}") for i, v in enumerate(obj)]
-        raise TypeError(f"checkpoint state at {path or '<root>'!r}: cannot store a {type(obj).__name__}")
+        where = f"{top}.{path}" if path else top
+        raise TypeError(f"checkpoint state at {where!r}: cannot store a {type(obj).__name__}")
 
-    tree = {}
+    tree, top = {}, ""
     for top, value in state.items():
         if not isinstance(top, str):
             raise TypeError(f"checkpoint state: top-level keys must be str, got {top!r}")
