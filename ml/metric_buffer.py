@@ -165,7 +165,8 @@ class MetricBuffer:
                 with self._io_lock:
                     self._drain(force_retry=stopping)
             except Exception:
-                # The thread must outlive any surprise: the points stay queued for the next drain.
+                # The thread must outlive any surprise: the chunk in hand is lost (and reported
+                # here), the points still queued go out on the next drain.
                 _logger.exception("metric buffer drain failed")
             if stopping:
                 return
