@@ -61,19 +61,24 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
         pass
 
 
+def _start_server(args: list[str], health_url: str, timeout: float, env: dict[str, str] | None,
+                  log: Path | None) -> subprocess.Popen:
+    proc = _spawn(args, env=env, log=log)
+    try:
+        wait_http(health_url, timeout=timeout, proc=proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 def start_mlflow(backend_uri: str, artifacts: str | Path, port: int, log: Path | None = None,
                  extra: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``mlflow server`` on 127.0.0.1:port over ``backend_uri``; returns once /health answers."""
     args = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
             "--default-artifact-root", Path(artifacts).resolve().as_uri(), "--host", "127.0.0.1",
             "--port", str(port), "--workers", "1", *(extra or [])]
-    proc = _spawn(args, env=env, log=log)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc
+    return _start_server(args, f"http://127.0.0.1:{port}/health", 120, env, log)
 
 
 def prefect_env(port: int, home: str | Path | None = None) -> dict[str, str]:
@@ -86,15 +91,8 @@ def prefect_env(port: int, home: str | Path | None = None) -> dict[str, str]:
 
 def start_prefect(port: int, home: str | Path | None = None, log: Path | None = None) -> subprocess.Popen:
     """``prefect server start`` on 127.0.0.1:port; returns once its health check answers."""
-    env = prefect_env(port, home)
-    proc = _spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                  env=env, log=log)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180, proc=proc)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc
+    args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return _start_server(args, f"http://127.0.0.1:{port}/api/health", 180, prefect_env(port, home), log)
 
 
 def deploy_flows(project_dir: str | Path, env: dict[str, str], pool: str = "local") -> None:

@@ -56,6 +56,15 @@ def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, time
                           timeout=timeout)
 
 
+def shrink_params(project: Path, **train: object) -> dict:
+    """Makes the params.yaml of a repository copy train briefly and register what it trains."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update({"epochs": 2, **train})
+    params["register"]["min_test_accuracy"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
 def copy_repo(dest: Path) -> Path:
     """The tracked files of the repository (as a fresh clone has them), committed in a new git repo."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,

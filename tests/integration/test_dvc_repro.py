@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ml.lineage import dir_md5
-from tests.conftest import REPO, copy_repo
+from tests.conftest import REPO, copy_repo, shrink_params
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,7 @@ def repro(cwd):
 
 def test_repro_runs_all_then_nothing_then_only_what_changed(tmp_path):
     project = copy_repo(tmp_path / "repo")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["epochs"] = 2
-    params["register"]["min_test_accuracy"] = 0.5
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shrink_params(project)
 
     assert repro(project) == ["prepare", "validate", "train", "evaluate", "register"]
     lock = yaml.safe_load((project / "dvc.lock").read_text())
@@ -38,6 +35,5 @@ def test_repro_runs_all_then_nothing_then_only_what_changed(tmp_path):
     assert processed["md5"] == dir_md5(project / "data/processed")
     assert repro(project) == []
 
-    params["train"]["lr"] = 0.002
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shrink_params(project, lr=0.002)
     assert repro(project) == ["train", "evaluate", "register"]

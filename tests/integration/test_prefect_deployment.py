@@ -8,17 +8,14 @@ import yaml
 from mlflow import MlflowClient
 
 from deploy import services
-from tests.conftest import REPO, copy_repo
+from tests.conftest import copy_repo, shrink_params
 
 pytestmark = pytest.mark.slow
 
 
 def test_deployment_run_completes_and_registers_a_model(tmp_path):
     project = copy_repo(tmp_path / "repo")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["epochs"] = 2
-    params["register"]["min_test_accuracy"] = 0.5
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shrink_params(project)
     port = services.free_port()
     env = services.prefect_env(port, home=tmp_path / "prefect-home")
     server = services.start_prefect(port, home=tmp_path / "prefect-home", log=tmp_path / "server.log")

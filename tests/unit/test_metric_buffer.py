@@ -152,7 +152,11 @@ def test_outage_spools_then_replays_everything_exactly_once_in_order(spool):
 
     assert as_triples(store.records) == logged
     assert len(set(as_triples(store.records))) == len(logged)
-    assert counters == BufferCounters(sent=40, spooled=40, replayed=40)
+    # Points logged after the store came back go direct, or behind the spool if the background
+    # thread had not replayed it yet: either way each lands once, and all spooled ones are replayed.
+    assert counters.spooled == counters.replayed >= 40
+    assert counters.sent + counters.replayed == len(logged)
+    assert (counters.spool_backlog, counters.unflushed, counters.dropped) == (0, 0, 0)
     assert spool.read_text() == ""
     assert all(len(chunk) <= 7 for chunk in store.chunks)
 
