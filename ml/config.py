@@ -96,16 +96,75 @@ class RegisterConfig:
 
     model_name: str = field(metadata=_check("nonempty", "registered model name in the MLflow registry"))
     min_test_accuracy: float = field(metadata=_check("unit", "the version is registered only at or above this test accuracy"))
+    champion_min_delta: float = field(metadata=_check("any", "challenger test accuracy minus the champion's, on the same test set, must reach this"))
     output: str = field(metadata=_check("nonempty", "JSON record of the registered version (DVC out)"))
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow: where runs and the registry live."""
+    """MLflow: where runs and the registry live, and what the tracker records besides metrics."""
 
     uri: str = field(metadata=_check("nonempty", "tracking URI: sqlite:///mlflow.db (embedded) or http://host:port"))
     experiment: str = field(metadata=_check("nonempty", "MLflow experiment name"))
     artifact_root: str = field(metadata=_check("nonempty", "artifact root for new experiments on a local store"))
+    flush_interval_s: float = field(metadata=_check("positive", "seconds between background metric flushes, > 0"))
+    spool_dir: str = field(metadata=_check("nonempty", "directory of the append-only spool used while the store is unreachable"))
+    system_metrics_interval_s: float = field(metadata=_check("positive", "seconds between system metric samples, > 0"))
+    histogram_every_steps: int | None = field(metadata=_check("positive_or_none", "steps between weight/gradient histograms, or null for none"))
+    confusion_every_epoch: bool = field(metadata=_check("any", "log a validation confusion matrix after every epoch"))
+    progress: str = field(metadata=_check("choice", "training progress bar", choices=("auto", "on", "off")))
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    """train: what counts as an anomaly in training, and what to do about one."""
+
+    action: str = field(metadata=_check("choice", "on an anomaly", choices=("warn", "stop")))
+    loss_spike_window: int = field(metadata=_check("positive", "steps in the robust z-score window of the loss"))
+    loss_spike_zscore: float = field(metadata=_check("positive", "robust z-score above which a loss is a spike, > 0"))
+    max_grad_norm: float | None = field(metadata=_check("positive_or_none", "gradient norm above which it is exploding, or null"))
+    patience: int | None = field(metadata=_check("positive_or_none", "evaluations without improvement that count as a plateau, or null"))
+    patience_metric: str = field(metadata=_check("nonempty", "validation metric watched for improvement"))
+    patience_mode: str = field(metadata=_check("choice", "direction of improvement", choices=("min", "max")))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """train: tiered checkpoints (see docs in ml/checkpoint.py)."""
+
+    dir: str = field(metadata=_check("nonempty", "root of the training/milestone/production tiers"))
+    every_steps: int | None = field(metadata=_check("positive_or_none", "optimizer steps between training checkpoints, or null"))
+    every_seconds: float | None = field(metadata=_check("positive_or_none", "seconds between training checkpoints, or null"))
+    keep_last: int = field(metadata=_check("at_least_2", "training checkpoints kept, >= 2"))
+    monitor: tuple[str, ...] = field(metadata=_check("monitor_items", "milestone metrics as metric:min or metric:max"))
+    compress: str = field(metadata=_check("choice", "compression of the training tier", choices=("none", "zstd")))
+    resume: bool = field(metadata=_check("any", "resume from the newest valid training checkpoint of the same configuration"))
+    s3_bucket: str | None = field(metadata=_check("any", "S3 bucket mirrored after each local commit, or null"))
+    s3_prefix: str = field(metadata=_check("any", "key prefix inside the bucket"))
+    s3_endpoint_url: str | None = field(metadata=_check("any", "S3-compatible endpoint URL, or null for AWS"))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """mlops serve: the HTTP endpoint that serves the champion."""
+
+    endpoint: str = field(metadata=_check("nonempty", "endpoint name (lineage and deployment records use it)"))
+    host: str = field(metadata=_check("nonempty", "address to bind"))
+    port: int = field(metadata=_check("nonneg", "port to bind (0: any free port)"))
+    alias: str = field(metadata=_check("nonempty", "registry alias to serve and follow"))
+    poll_interval_s: float = field(metadata=_check("positive", "seconds between checks of the alias, > 0"))
+    max_body_bytes: int = field(metadata=_check("positive", "largest accepted request body; larger gets 413"))
+    records_dir: str = field(metadata=_check("nonempty", "directory of deployment records"))
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    """promotion flow: wait for an approval in the registry, then move the alias."""
+
+    alias: str = field(metadata=_check("nonempty", "alias a promoted version takes"))
+    timeout_s: float = field(metadata=_check("positive", "seconds to wait for an approval before giving up, > 0"))
+    poll_interval_s: float = field(metadata=_check("positive", "seconds between checks of the approval status, > 0"))
+    after_training: bool = field(metadata=_check("any", "the training flow ends by starting the promotion flow"))
 
 
 @dataclass(frozen=True)
@@ -118,6 +177,10 @@ class Params:
     evaluate: EvaluateConfig
     register: RegisterConfig
     tracking: TrackingConfig
+    anomaly: AnomalyConfig
+    checkpoint: CheckpointConfig
+    serve: ServeConfig
+    promotion: PromotionConfig
 
 
 def _type_name(tp: Any) -> str:
@@ -162,6 +225,9 @@ def _validate_value(key: str, value: Any, meta: dict[str, Any]) -> None:
         "half_open_unit": lambda v: not 0 <= v < 1,
         "positive_items": lambda v: len(v) == 0 or any(x <= 0 for x in v),
         "choice": lambda v: v not in meta["choices"],
+        "at_least_2": lambda v: v < 2,
+        "monitor_items": lambda v: any(len(s.split(":")) != 2 or not s.split(":")[0]
+                                       or s.split(":")[1] not in ("min", "max") for s in v),
         "any": lambda v: False,
     }[check](value)
     if bad:

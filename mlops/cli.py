@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import json
 import os
 import sys
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import ConfigError, cli_errors
+
+
+# Command groups that live beside the code they drive; each module has add_parser(subparsers).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def tracking_uri(args: argparse.Namespace) -> str:
@@ -157,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="let the run's author approve (recorded in the history)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_models)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 

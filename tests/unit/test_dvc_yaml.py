@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from ml.config import (DataConfig, EvaluateConfig, RegisterConfig, TrackingConfig, TrainConfig, ValidateConfig,
+from ml.config import (AnomalyConfig, CheckpointConfig, DataConfig, EvaluateConfig, RegisterConfig, TrackingConfig, TrainConfig, ValidateConfig,
                        section_keys)
 from tests.conftest import REPO
 
@@ -12,7 +12,8 @@ EXPECTED = {
     "prepare": section_keys(DataConfig, "data"),
     "validate": ["data.processed_dir", *section_keys(ValidateConfig, "validate")],
     "train": ["data.processed_dir", "validate.report", *section_keys(TrainConfig, "train"),
-              *section_keys(TrackingConfig, "tracking")],
+              *section_keys(TrackingConfig, "tracking"), *section_keys(AnomalyConfig, "anomaly"),
+              *section_keys(CheckpointConfig, "checkpoint")],
     "evaluate": ["data.processed_dir", "train.model_dir", "train.run_file",
                  *section_keys(EvaluateConfig, "evaluate"), "tracking.uri"],
     "register": ["train.run_file", "evaluate.metrics_file", *section_keys(RegisterConfig, "register"),
