@@ -36,21 +36,58 @@ def commit_outputs(repo_dir: str = ".") -> list[str]:
 version_outputs_task = task(commit_outputs, name="dvc-commit", cache_policy=NO_CACHE)
 
 
+def start_pipeline_run(params_path: str) -> Any:
+    """The parent MLflow run of one pipeline execution: all params, the code version, the flow run.
+    The flow run gets a link artifact to it, so the Prefect and MLflow UIs point at each other."""
+    from ml.config import flatten, load_params
+    from ml.lineage import git_info
+    from ml.tracking import MlflowTracker
+    from tasks.entry import flow_run_tags
+
+    params = load_params(params_path)
+    git = git_info()
+    tracker = MlflowTracker.start(params.tracking, "pipeline", kind="pipeline", system_metrics=False, tags={
+        "git_commit": git.commit, "git_branch": git.branch, "git_dirty": git.dirty, **flow_run_tags()})
+    tracker.log_params({k: v for section in ("data", "validate", "train", "evaluate", "register", "tracking",
+                                             "anomaly", "checkpoint")
+                        for k, v in flatten(getattr(params, section), f"{section}.").items()})
+    try:
+        from prefect.artifacts import create_link_artifact
+
+        create_link_artifact(tracker.url, link_text="MLflow pipeline run", key="mlflow-pipeline-run",
+                             description=f"MLflow run {tracker.run_id} (experiment {params.tracking.experiment})")
+    except Exception as exc:  # noqa: BLE001 - outside a flow run there is nothing to attach the link to
+        print(f"MLflow run {tracker.url} (no Prefect link: {exc.__class__.__name__})")
+    return tracker
+
+
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(params_path: str = "params.yaml", version_data: bool = True) -> dict[str, Any]:
-    """prepare -> validate -> train -> evaluate -> register; returns the registered version.
+    """prepare -> validate -> train -> evaluate -> register, each a nested MLflow run under one
+    pipeline run; returns the registered version.
 
     ``version_data`` commits the outputs to DVC when ``params_path`` is the repository's params.yaml
     (dvc.yaml reads that file, so a different one would record params it did not use).
     """
-    prepare_task(params_path)
-    validate_task(params_path)
-    train_task(params_path)
-    evaluate_task(params_path)
-    registered = register_task(params_path)
-    if version_data and Path(params_path).resolve() == Path("params.yaml").resolve() and Path("dvc.yaml").exists():
-        version_outputs_task()
-    return registered
+    pipeline = start_pipeline_run(params_path)
+    parent = pipeline.run_id
+    status = "FAILED"
+    try:
+        prepare_task(params_path, parent_run_id=parent)
+        validate_task(params_path, parent_run_id=parent)
+        trained = train_task(params_path, parent_run_id=parent)
+        pipeline.set_tags({"train_run_id": trained["run_id"], "dataset_md5": trained["dataset"]["md5"],
+                           "dataset_source": trained["dataset"]["source"]})
+        evaluate_task(params_path, parent_run_id=parent)
+        registered = register_task(params_path)
+        pipeline.set_tags({"registered_model": registered["model_name"],
+                           "registered_version": registered["version"]})
+        if version_data and Path(params_path).resolve() == Path("params.yaml").resolve() and Path("dvc.yaml").exists():
+            version_outputs_task()
+        status = "FINISHED"
+    finally:
+        pipeline.close(status)
+    return {**registered, "pipeline_run_id": parent, "pipeline_run_url": pipeline.url}
 
 
 def next_steps(registered: dict[str, Any]) -> str:

@@ -4,9 +4,10 @@ and never calls MLflow or torch.save itself."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +28,27 @@ class LoopState:
     epoch_generator_state: torch.Tensor | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     stop: bool = False
+    stop_reason: str | None = None
+    timing: StepTiming = field(default_factory=lambda: StepTiming())
+
+
+@dataclass
+class StepTiming:
+    """Where step time goes, summed over the steps this process ran: fetching the batch (data wait)
+    against forward/backward/step (compute, measured with CUDA events on a GPU)."""
+
+    steps: int = 0
+    samples: int = 0
+    data_s: float = 0.0
+    compute_s: float = 0.0
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        return {"mean_step_ms": 1000 * self.wall_s / self.steps,
+                "samples_per_s": self.samples / self.wall_s if self.wall_s else 0.0,
+                "data_wait_fraction": self.data_s / max(self.data_s + self.compute_s, 1e-12)}
 
 
 class LoopHooks(Protocol):
@@ -81,11 +103,18 @@ def fit(
     hooks: Sequence[LoopHooks] = (),
     state: LoopState | None = None,
 ) -> LoopState:
-    """Trains for ``epochs``; continues from ``state`` (possibly mid-epoch) when one is given."""
+    """Trains for ``epochs``; continues from ``state`` (possibly mid-epoch) when one is given.
+
+    Every step logs ``train/loss``, ``train/step_ms``, ``train/samples_per_s`` and
+    ``train/data_wait_ms``; every epoch logs the train/val loss and accuracy. A hook that sets
+    ``state.stop`` ends the loop cleanly after the current step.
+    """
     tracker = tracker or NullTracker()
+    log = tracker.log_metric
     state = state or LoopState()
     x_train, y_train = train
     n = len(x_train)
+    clock = _StepClock(x_train.device)
     while state.epoch < epochs and not state.stop:
         if state.batch_in_epoch == 0:
             state.epoch_generator_state = generator.get_state()
@@ -94,15 +123,35 @@ def fit(
         order = torch.randperm(n, generator=generator)
         model.train()
         for b in range(state.batch_in_epoch, batches_per_epoch(n, batch_size)):
+            clock.begin()
             idx = order[b * batch_size:(b + 1) * batch_size]
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            inputs, targets = x_train[idx], y_train[idx]
+            clock.data_ready()
+            loss = nn.functional.cross_entropy(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            loss_value = loss.item()
+            data_s, compute_s, wall_s = clock.end()
             state.global_step += 1
             state.batch_in_epoch = b + 1
+            timing = state.timing
+            timing.steps += 1
+            timing.samples += len(idx)
+            timing.data_s += data_s
+            timing.compute_s += compute_s
+            timing.wall_s += wall_s
+            step = state.global_step
+            log("train/loss", loss_value, step)
+            log("train/step_ms", 1000 * wall_s, step)
+            log("train/samples_per_s", len(idx) / wall_s if wall_s else 0.0, step)
+            log("train/data_wait_ms", 1000 * data_s, step)
             for hook in hooks:
-                hook.on_step_end(state, loss.item())
+                hook.on_step_end(state, loss_value)
+            if state.stop:
+                break
+        if state.stop and state.batch_in_epoch < batches_per_epoch(n, batch_size):
+            break
         train_metrics = evaluate_split(model, x_train, y_train)
         val_metrics = evaluate_split(model, *val)
         metrics = {"train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
@@ -114,3 +163,34 @@ def fit(
         for hook in hooks:
             hook.on_epoch_end(state, metrics)
     return state
+
+
+class _StepClock:
+    """Times one step: data wait and compute with perf_counter on the CPU, compute with CUDA
+    events on a GPU (read one step late, so timing never forces a device sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._pending: tuple[Any, Any] | None = None
+        self._last_compute_s = 0.0
+
+    def begin(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def data_ready(self) -> None:
+        self._t1 = time.perf_counter()
+        if self.cuda:
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
+
+    def end(self) -> tuple[float, float, float]:
+        t2 = time.perf_counter()
+        data_s = self._t1 - self._t0
+        if not self.cuda:
+            return data_s, t2 - self._t1, t2 - self._t0
+        end_event = torch.cuda.Event(enable_timing=True)
+        end_event.record()
+        if self._pending is not None and self._pending[1].query():
+            self._last_compute_s = self._pending[0].elapsed_time(self._pending[1]) / 1000
+        self._pending = (self._start_event, end_event)
+        return data_s, self._last_compute_s, t2 - self._t0

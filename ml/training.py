@@ -1,25 +1,41 @@
-"""train: builds the model from params, runs the loop, writes the weights and the metric history."""
+"""train: builds the model from params, runs the loop with its hooks (checkpoints, milestones,
+observers), writes the weights and the metric history."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ml.config import TrainConfig
+from ml.config import CheckpointConfig, TrainConfig, flatten
 from ml.data import Schema, load_split
 from ml.io import atomic_write_json
 from ml.loop import LoopHooks, LoopState, fit, resolve_device, seed_everything
 from ml.model import MLP, ModelSpec, save_model
 from ml.tracking import NullTracker, Tracker
 
+logger = logging.getLogger(__name__)
+
+# TrainConfig keys that do not change what a step computes: a checkpoint made under other values
+# of these still resumes exactly (more epochs extend a run; paths only say where results go).
+_NOT_IN_FINGERPRINT = ("epochs", "device", "model_dir", "run_file", "metrics_file")
+
+HookFactory = Callable[[MLP, torch.optim.Optimizer], Sequence[LoopHooks]]
+
 
 @dataclass
 class TrainResult:
     model: MLP
     state: LoopState
+    resumed_from: str | None = None
+    resume_note: str = ""
+    checkpoint_stats: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -35,9 +51,104 @@ def build_model(cfg: TrainConfig, schema: Schema) -> MLP:
     return MLP(ModelSpec(len(schema.features), cfg.hidden_sizes, schema.num_classes, cfg.dropout))
 
 
+def config_fingerprint(cfg: TrainConfig, dataset_md5: str) -> str:
+    """Identifies "the same training": the hyperparameters that shape each step, and the data."""
+    keys = {k: v for k, v in flatten(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    blob = json.dumps({"train": keys, "dataset_md5": dataset_md5}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def environment() -> dict[str, str]:
+    return {"torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+@dataclass(frozen=True)
+class CheckpointContext:
+    """What the train stage knows about this training, stored in every checkpoint it makes."""
+
+    cfg: CheckpointConfig
+    fingerprint: str
+    run_id: str | None = None
+    dataset: Mapping[str, Any] = field(default_factory=dict)
+    git_commit: str = "unknown"
+    fresh: bool = False
+
+
+def open_checkpoints(cfg: CheckpointConfig, on_saved: Callable[[Any], None] | None = None) -> Any:
+    """The checkpoint manager for ``cfg``: its root, retention, compression and S3 mirror."""
+    from ml.checkpoint import CheckpointManager
+
+    kwargs: dict[str, Any] = {"keep_last": cfg.keep_last, "on_saved": on_saved}
+    if cfg.compress != "none":
+        kwargs["compress"] = cfg.compress
+    if cfg.s3_bucket:
+        from ml.checkpoint_s3 import S3Mirror
+
+        kwargs["mirror"] = S3Mirror(cfg.s3_bucket, cfg.s3_prefix, endpoint_url=cfg.s3_endpoint_url)
+    return CheckpointManager(cfg.dir, **kwargs)
+
+
+class MilestoneHook:
+    """Saves a milestone after an epoch whose monitored metric improved on its best so far."""
+
+    def __init__(self, manager: Any, model: MLP, monitor: Sequence[str], state_of: Callable[[], Mapping[str, Any]],
+                 run_id: str | None) -> None:
+        self.manager, self.model, self.state_of, self.run_id = manager, model, state_of, run_id
+        self.monitor = [tuple(item.split(":")) for item in monitor]
+
+    def on_step_end(self, state: LoopState, loss: float) -> None:
+        pass
+
+    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        for metric, mode in self.monitor:
+            if metric not in metrics:
+                continue
+            self.manager.save_milestone_checkpoint(self.state_of(), metric, metrics[metric], mode,
+                                                   epoch=state.epoch, step=state.global_step, run_id=self.run_id,
+                                                   notes=f"{metric} improved to {metrics[metric]:.6g}")
+
+
+def _resume(manager: Any, ctx: CheckpointContext, epochs: int, model: MLP, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator) -> tuple[LoopState | None, str | None, str]:
+    """Restores the newest valid training checkpoint when it is of the same configuration and not
+    finished; otherwise says why training starts fresh."""
+    from ml.checkpoint import CheckpointCorrupt
+
+    if ctx.fresh or not ctx.cfg.resume:
+        return None, None, "starting fresh (" + ("--fresh" if ctx.fresh else "checkpoint.resume is false") + ")"
+    try:
+        loaded = manager.load_latest_valid("training")
+    except CheckpointCorrupt as exc:
+        return None, None, f"starting fresh: {exc}"
+    if loaded is None:
+        return None, None, "starting fresh: no training checkpoint"
+    skipped = "".join(f"; skipped {name}: {why}" for name, why in loaded.skipped)
+    extra = loaded.state.get("extra") or {}
+    if extra.get("fingerprint") != ctx.fingerprint:
+        return None, None, f"starting fresh: newest checkpoint {loaded.name} is of another configuration{skipped}"
+    loop = loaded.state["loop"]
+    if loop["epoch"] >= epochs or loop["stop"]:
+        return None, None, f"starting fresh: newest checkpoint {loaded.name} is of a finished training{skipped}"
+    from ml.checkpoint import restore_training_state
+
+    state = restore_training_state(loaded.state, model, optimizer, generator=generator)
+    note = (f"resuming from checkpoint training/{loaded.name} (epoch {state.epoch}, step {state.global_step}, "
+            f"batch {state.batch_in_epoch} of the epoch){skipped}")
+    return state, loaded.name, note
+
+
 def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None = None,
-          hooks: Sequence[LoopHooks] = ()) -> TrainResult:
-    """The train stage: seeded from params, so the same params and data give the same weights."""
+          hooks: Sequence[LoopHooks] = (), *, checkpoints: CheckpointContext | None = None,
+          hook_factory: HookFactory | None = None) -> TrainResult:
+    """The train stage: seeded from params, so the same params and data give the same weights,
+    whether the run went straight through or resumed from a checkpoint.
+
+    With ``checkpoints``, training checkpoints are saved every ``every_steps``/``every_seconds`` and
+    after every epoch, milestones when a monitored metric improves, and the newest valid training
+    checkpoint of the same configuration is resumed (unless ``fresh``). ``hook_factory`` builds
+    further hooks that need the model and optimizer (histograms, anomaly monitor, progress bar).
+    """
     tracker = tracker or NullTracker()
     device = resolve_device(cfg.device)
     generator = seed_everything(cfg.seed)
@@ -49,9 +160,70 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     as_tensors = lambda x, y: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))  # noqa: E731
-    state = fit(model, optimizer, as_tensors(x_train, y_train), as_tensors(x_val, y_val),
-                epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, tracker=tracker, hooks=hooks)
+    all_hooks = list(hooks)
+    result_stats: list[dict[str, Any]] = []
+    manager, state, resumed_from, note = None, None, None, ""
+    if checkpoints is not None:
+        manager = open_checkpoints(checkpoints.cfg, on_saved=lambda s: _record_save(tracker, result_stats, s))
+        state, resumed_from, note = _resume(manager, checkpoints, cfg.epochs, model, optimizer, generator)
+        logger.info("train: %s", note)
+        print(f"train: {note}", flush=True)
+        extra = {"fingerprint": checkpoints.fingerprint, "run_id": checkpoints.run_id,
+                 "model_spec": {**asdict(model.spec), "hidden_sizes": list(model.spec.hidden_sizes)},
+                 "classes": list(schema.classes), "features": list(schema.features),
+                 "config": flatten(cfg, "train."), "dataset": dict(checkpoints.dataset),
+                 "git_commit": checkpoints.git_commit, "environment": environment()}
+        from ml.checkpoint import CheckpointHook, training_state
+
+        state_ref: list[LoopState | None] = [state]
+
+        def extra_with_metrics() -> dict[str, Any]:
+            current = state_ref[0]
+            return {**extra, "metrics": dict(current.history[-1]) if current and current.history else {}}
+
+        ckpt_hook = CheckpointHook(manager, model, optimizer, generator=generator,
+                                   every_steps=checkpoints.cfg.every_steps, every_seconds=checkpoints.cfg.every_seconds,
+                                   extra=extra_with_metrics)
+        all_hooks.append(_TrackState(state_ref))
+        all_hooks.append(ckpt_hook)
+        if checkpoints.cfg.monitor:
+            milestone_state = lambda: training_state(model, optimizer, loop_state=state_ref[0],  # noqa: E731
+                                                     generator=generator, extra=extra_with_metrics())
+            all_hooks.append(MilestoneHook(manager, model, checkpoints.cfg.monitor, milestone_state,
+                                           checkpoints.run_id))
+    if hook_factory is not None:
+        all_hooks.extend(hook_factory(model, optimizer))
+    try:
+        state = fit(model, optimizer, as_tensors(x_train, y_train), as_tensors(x_val, y_val),
+                    epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, tracker=tracker,
+                    hooks=all_hooks, state=state)
+    finally:
+        if manager is not None:
+            manager.close()
     model.cpu().eval()
     save_model(model, cfg.model_dir)
     atomic_write_json(cfg.metrics_file, state.history)
-    return TrainResult(model, state)
+    return TrainResult(model, state, resumed_from, note, result_stats)
+
+
+class _TrackState:
+    """Keeps a reference to the live LoopState for callbacks that run outside the loop's hooks."""
+
+    def __init__(self, ref: list[LoopState | None]) -> None:
+        self.ref = ref
+
+    def on_step_end(self, state: LoopState, loss: float) -> None:
+        self.ref[0] = state
+
+    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        self.ref[0] = state
+
+
+def _record_save(tracker: Tracker, stats: list[dict[str, Any]], s: Any) -> None:
+    """Every save reports its blocking and background time and bytes to the tracker."""
+    stats.append({"tier": s.tier, "name": s.name, "step": s.step, "blocking_s": s.blocking_s,
+                  "waited_s": s.waited_s, "background_s": s.background_s, "bytes_written": s.bytes_written})
+    step = s.step or 0
+    tracker.log_metric(f"checkpoint/{s.tier}_blocking_ms", 1000 * s.blocking_s, step)
+    tracker.log_metric(f"checkpoint/{s.tier}_background_ms", 1000 * s.background_s, step)
+    tracker.log_metric(f"checkpoint/{s.tier}_bytes", float(s.bytes_written), step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prefect import task
@@ -11,19 +12,28 @@ from ml.config import load_params
 from ml.evaluation import evaluate
 from ml.io import read_json
 from ml.tracking import MlflowTracker
-from tasks.entry import stage_main
+from tasks.entry import stage_main, stage_run
 
 
-def run(params_path: str = "params.yaml") -> dict[str, Any]:
+def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
+    """Evaluates on the test split in an evaluate run of its own; the test metrics and artifacts also
+    go to the training run, so the model's run holds its evaluation."""
     params = load_params(params_path)
     cfg = params.evaluate
-    evaluation = evaluate(cfg, params.train.model_dir, params.data.processed_dir)
     run_id = read_json(params.train.run_file)["run_id"]
-    tracker = MlflowTracker.attach(params.tracking, run_id)
-    scalars = {f"test_{k}": v for k, v in evaluation.metrics.items() if isinstance(v, float)}
-    tracker.log_metrics(scalars, step=0)
-    for path in (cfg.metrics_file, cfg.predictions_file, cfg.confusion_png):
-        tracker.log_artifact(path, "evaluation")
+    with stage_run(params, "evaluate", parent=parent_run_id, tags={"evaluated_run_id": run_id}) as tracker:
+        evaluation = evaluate(cfg, params.train.model_dir, params.data.processed_dir)
+        scalars = {f"test_{k}": v for k, v in evaluation.metrics.items() if isinstance(v, float)}
+        training_run = MlflowTracker.attach(params.tracking, run_id)
+        try:
+            for target in (tracker, training_run):
+                target.log_metrics(scalars, step=0)
+                for path in (cfg.metrics_file, cfg.predictions_file, cfg.confusion_png):
+                    target.log_artifact(path, "evaluation")
+                target.log_text(json.dumps({"labels": evaluation.labels, "matrix": evaluation.confusion}, indent=1),
+                                "evaluation/confusion_matrix.json")
+        finally:
+            training_run.close_buffer()
     return {"run_id": run_id, **scalars}
 
 

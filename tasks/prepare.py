@@ -7,16 +7,21 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ml.config import load_params
+from ml.config import flatten, load_params
 from ml.data import prepare
-from tasks.entry import stage_main
+from tasks.entry import stage_main, stage_run
 
 
-def run(params_path: str = "params.yaml") -> dict[str, Any]:
-    cfg = load_params(params_path).data
-    schema = prepare(cfg)
-    return {"source": schema.source, "features": len(schema.features), "classes": schema.num_classes,
-            "processed_dir": cfg.processed_dir}
+def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
+    params = load_params(params_path)
+    cfg = params.data
+    with stage_run(params, "prepare", parent=parent_run_id) as tracker:
+        tracker.log_params(flatten(cfg, "data."))
+        schema = prepare(cfg)
+        summary = {"source": schema.source, "features": len(schema.features), "classes": schema.num_classes,
+                   "processed_dir": cfg.processed_dir}
+        tracker.set_tags({"dataset_source": schema.source})
+    return summary
 
 
 # DVC decides what is stale; Prefect's own cache would only hide a changed input from it.

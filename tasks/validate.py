@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ml.config import load_params
+from ml.config import flatten, load_params
 from ml.validation import validate
-from tasks.entry import stage_main
+from tasks.entry import stage_main, stage_run
 
 
-def run(params_path: str = "params.yaml") -> dict[str, Any]:
+def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
     params = load_params(params_path)
-    report = validate(params.validate, params.data.processed_dir)
+    with stage_run(params, "validate", parent=parent_run_id) as tracker:
+        tracker.log_params(flatten(params.validate, "validate."))
+        try:
+            report = validate(params.validate, params.data.processed_dir)
+        finally:
+            if Path(params.validate.report).is_file():
+                tracker.log_artifact(params.validate.report, "data")
     return {"success": report["success"], "report": params.validate.report,
             "expectations": {name: split["evaluated"] for name, split in report["splits"].items()}}
 

@@ -95,7 +95,14 @@ def test_bad_data_stops_at_the_gate(project):
     assert done.returncode == 3
     assert "error: data validation failed: 1 expectation(s) broken" in done.stderr
     assert "train.pixel_5: expect_column_values_to_not_be_null {}: 10 of" in done.stderr
-    assert not (project / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mlops-pipeline").experiment_id])
+    assert [(r.data.tags["stage"], r.info.status) for r in runs] == [("validate", "FAILED"), ("prepare", "FINISHED")]
+    assert runs[0].data.tags["error"].startswith("ValidationFailed: data validation failed")
+    # The failed stage's console, traceback included, is on its run.
+    log = client.download_artifacts(runs[0].info.run_id, "console/validate.log", str(project))
+    assert "ValidationFailed" in open(log).read()
+    assert registered_versions(project) == []
 
 
 def test_quality_gate_refuses_registration(project):

@@ -1,0 +1,147 @@
+"""The training observers the train stage attaches to the loop, from params: weight/gradient
+histograms, the anomaly monitor, the progress bar, per-epoch validation confusion matrices, and the
+end-of-run summary report.
+
+    observers = Observers(params, tracker, schema)
+    result = train(..., hook_factory=observers.hooks)
+    observers.close()          # also when training failed: histograms and events are logged
+    observers.finish(result)   # summary.md and timing metrics
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ml.loop import LoopState, batches_per_epoch
+
+logger = logging.getLogger(__name__)
+
+
+class ConfusionPerEpoch:
+    """A validation confusion matrix (JSON and PNG) under ``confusion/`` after every epoch."""
+
+    def __init__(self, model: torch.nn.Module, x_val: np.ndarray, y_val: np.ndarray, labels: list[str],
+                 tracker: Any, workdir: Path) -> None:
+        self.model, self.x, self.y, self.labels = model, x_val, y_val, labels
+        self.tracker, self.workdir = tracker, workdir
+
+    def on_step_end(self, state: LoopState, loss: float) -> None:
+        pass
+
+    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        import json
+
+        from ml.evaluation import classification_metrics, render_confusion
+
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            pred = self.model(torch.from_numpy(self.x).to(device)).argmax(dim=1).cpu().numpy()
+        self.model.train(was_training)
+        evaluation = classification_metrics(self.y, pred, self.labels)
+        name = f"epoch-{state.epoch:04d}"
+        self.tracker.log_text(json.dumps({"epoch": state.epoch, "step": state.global_step, "labels": self.labels,
+                                          "matrix": evaluation.confusion}), f"confusion/{name}.json")
+        png = self.workdir / f"{name}.png"
+        render_confusion(evaluation, png, title=f"Confusion matrix (validation, epoch {state.epoch})")
+        self.tracker.log_artifact(png, "confusion")
+        png.unlink(missing_ok=True)
+
+
+class Observers:
+    """Builds the observer hooks for one training run and logs what they gathered."""
+
+    def __init__(self, params: Any, tracker: Any, schema: Any) -> None:
+        self.params, self.tracker, self.schema = params, tracker, schema
+        self.workdir = Path(tempfile.mkdtemp(prefix="mlops-observers-"))
+        self.histograms: Any = None
+        self.monitor: Any = None
+        self.progress: Any = None
+        self._closed = False
+
+    def hooks(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Any]:
+        from ml.anomaly import AnomalyMonitor
+        from ml.data import load_split
+        from ml.histograms import HistogramHook, grad_norm
+        from ml.progress import ProgressHook
+
+        tracking, train = self.params.tracking, self.params.train
+        tracker = self.tracker
+        hooks: list[Any] = []
+        if tracking.histogram_every_steps:
+            self.histograms = HistogramHook(model, self.workdir / "tensorboard", tracking.histogram_every_steps,
+                                            tracker=tracker, artifact_path="histograms")
+            hooks.append(self.histograms)
+        step_of = [0]
+
+        def logged_grad_norm() -> float | None:
+            norm = grad_norm(model)
+            if norm is not None:
+                tracker.log_metric("train/grad_norm", norm, step_of[0])
+            return norm
+
+        self.monitor = AnomalyMonitor(self.params.anomaly, tracker, grad_norm=logged_grad_norm)
+        hooks.append(_StepCounter(step_of))
+        hooks.append(self.monitor)
+        n_train = len(load_split(self.params.data.processed_dir, "train")[1])
+        total = train.epochs * batches_per_epoch(n_train, train.batch_size)
+        console = getattr(tracker, "console", None)
+        stream = console.original("stderr") if console is not None else None
+        self.progress = ProgressHook(total, tracking.progress, stream, batch_size=train.batch_size,
+                                     epochs=train.epochs)
+        hooks.append(self.progress)
+        if tracking.confusion_every_epoch:
+            x_val, y_val = load_split(self.params.data.processed_dir, "val")
+            hooks.append(ConfusionPerEpoch(model, x_val, y_val, list(self.schema.classes), tracker, self.workdir))
+        return hooks
+
+    def close(self) -> None:
+        """Ends the progress bar, logs anomaly events and histograms. Safe to call again."""
+        if self._closed:
+            return
+        self._closed = True
+        for observer in (self.progress, self.monitor, self.histograms):
+            if observer is None:
+                continue
+            try:
+                observer.close()
+            except Exception:  # noqa: BLE001 - one observer's failure must not hide the others' output
+                logger.exception("closing %s failed", type(observer).__name__)
+
+    def finish(self, result: Any) -> str:
+        """Logs ``summary.md`` and the step-timing summary metrics; returns the report."""
+        from ml.report import memory_totals, summary_report
+
+        state = result.state
+        sampler = getattr(self.tracker, "sampler", None)
+        resources = {**(sampler.peaks() if sampler is not None else {}), **memory_totals()}
+        report = summary_report(state.history, resources=resources, timing=state.timing,
+                                checkpoints=result.checkpoint_stats or None,
+                                anomalies=self.monitor.events if self.monitor else None)
+        if result.resume_note:
+            report += f"\n\n## Checkpoint resume\n\n{result.resume_note}\n"
+        self.tracker.log_text(report, "summary.md")
+        self.tracker.log_metrics({f"timing/{k}": v for k, v in state.timing.summary().items()}, step=state.global_step)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return report
+
+
+class _StepCounter:
+    """Tells the gradient-norm callback which step it is measuring."""
+
+    def __init__(self, ref: list[int]) -> None:
+        self.ref = ref
+
+    def on_step_end(self, state: LoopState, loss: float) -> None:
+        self.ref[0] = state.global_step
+
+    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        pass
