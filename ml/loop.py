@@ -107,7 +107,8 @@ def fit(
 
     Every step logs ``train/loss``, ``train/step_ms``, ``train/samples_per_s`` and
     ``train/data_wait_ms``; every epoch logs the train/val loss and accuracy. A hook that sets
-    ``state.stop`` ends the loop cleanly after the current step.
+    ``state.stop`` ends the loop cleanly after the current step, keeping the position inside the
+    epoch (see :func:`record_stop` for a history entry at that point).
     """
     tracker = tracker or NullTracker()
     log = tracker.log_metric
@@ -163,6 +164,21 @@ def fit(
         for hook in hooks:
             hook.on_epoch_end(state, metrics)
     return state
+
+
+def record_stop(model: nn.Module, state: LoopState, train: tuple[torch.Tensor, torch.Tensor],
+                val: tuple[torch.Tensor, torch.Tensor], batch_size: int, tracker: Tracker | None = None) -> None:
+    """After a stop mid-epoch: evaluates the model as it stands and appends it to the history at a
+    fractional epoch (3.4 = 40% into the 4th), so a stopped run still reports where it ended."""
+    if not state.batch_in_epoch:
+        return
+    train_metrics = evaluate_split(model, *train)
+    val_metrics = evaluate_split(model, *val)
+    metrics = {"train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
+               "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}
+    epoch = state.epoch + state.batch_in_epoch / batches_per_epoch(len(train[0]), batch_size)
+    state.history.append({"epoch": round(epoch, 4), "step": state.global_step, **metrics})
+    (tracker or NullTracker()).log_metrics(metrics, step=state.epoch + 1)
 
 
 class _StepClock:

@@ -16,7 +16,7 @@ import torch
 from ml.config import CheckpointConfig, TrainConfig, flatten
 from ml.data import Schema, load_split
 from ml.io import atomic_write_json
-from ml.loop import LoopHooks, LoopState, fit, resolve_device, seed_everything
+from ml.loop import LoopHooks, LoopState, fit, record_stop, resolve_device, seed_everything
 from ml.model import MLP, ModelSpec, save_model
 from ml.tracking import NullTracker, Tracker
 
@@ -200,6 +200,8 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     finally:
         if manager is not None:
             manager.close()
+    if state.stop:
+        record_stop(model, state, as_tensors(x_train, y_train), as_tensors(x_val, y_val), cfg.batch_size, tracker)
     model.cpu().eval()
     save_model(model, cfg.model_dir)
     atomic_write_json(cfg.metrics_file, state.history)

@@ -48,6 +48,8 @@ def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: st
             observers.close()
         if result.resumed_from:
             tracker.set_tags({"resumed_from_checkpoint": result.resumed_from})
+        if result.state.stop:
+            tracker.set_tags({"stopped_early": result.state.stop_reason or "stopped by a hook"})
         example = pd.read_parquet(Path(processed) / "val.parquet").drop(columns=["label"]).head(5)
         model_uri = tracker.log_model(result.model, example.to_numpy(dtype="float32").copy())
         tracker.log_artifact(cfg.metrics_file, "metrics")
