@@ -73,8 +73,12 @@ def load_model(model_dir: str | Path) -> MLP:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Class indices for a float32 feature matrix."""
-    model.eval()
+    """Class indices for a float32 feature matrix. ``model`` may also be a ``torch.export`` graph
+    (MLflow's pt2 format), which is already in inference form and refuses ``eval()``."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
     device = next(model.parameters()).device
     out = [model(torch.from_numpy(x[i:i + batch_size]).to(device)).argmax(dim=1).cpu()
            for i in range(0, len(x), batch_size)]

@@ -17,6 +17,11 @@ REJECTED = "Rejected"
 STATUSES = (PENDING, APPROVED, REJECTED)
 CHAMPION = "champion"
 
+# Where a decision was given: the mlops command (or a caller of registry.actions), or a hand edit
+# of the approval_status tag in the MLflow UI that the registry noticed afterwards.
+VIA_CLI = "cli"
+VIA_MLFLOW_UI = "mlflow-ui"
+
 # (from, to): Approved -> Rejected is a revocation.
 LEGAL_TRANSITIONS = frozenset({(PENDING, APPROVED), (PENDING, REJECTED), (APPROVED, REJECTED)})
 
@@ -31,6 +36,7 @@ class ApprovalEvent:
     at: str
     reason: str
     self_approval: bool = False
+    via: str = VIA_CLI
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,12 +64,44 @@ def check_approver(approver: str, author: str | None, allow_self_approval: bool)
 
 
 def make_event(current: str, target: str, approver: str, reason: str, self_approval: bool,
-               now: datetime | None = None) -> ApprovalEvent:
+               now: datetime | None = None, via: str = VIA_CLI) -> ApprovalEvent:
     check_transition(current, target)
     if not reason.strip():
         raise RegistryError("reason: expected a non-empty reason for the decision")
     at = (now or datetime.now(UTC)).isoformat(timespec="seconds")
-    return ApprovalEvent(current, target, approver, at, reason.strip(), self_approval)
+    return ApprovalEvent(current, target, approver, at, reason.strip(), self_approval, via)
+
+
+def recorded_status(history: list[dict] | tuple[dict, ...]) -> str:
+    """The status the history says a version is in: its last event's target, else pending."""
+    return history[-1]["to_status"] if history else PENDING
+
+
+def unrecorded_transition(status: str, history: list[dict] | tuple[dict, ...]) -> tuple[str, str] | None:
+    """``(recorded, status)`` when the ``approval_status`` tag was changed without a history event
+    (a hand edit in the MLflow UI), else None. Raises when that edit is not a legal transition.
+
+    A decision writes the history first and the status second, so a reader between the two writes
+    sees the status still at the last event's ``from_status``: that is a decision in flight, not an
+    edit, and the status tag (the older one) is what holds until the second write lands.
+    """
+    recorded = recorded_status(history)
+    if status == recorded or (history and history[-1].get("from_status") == status):
+        return None
+    try:
+        check_transition(recorded, status)
+    except RegistryError as exc:
+        raise RegistryError(f"approval_status tag {status!r} was set by hand after {recorded}: {exc}; "
+                            f"set the tag back to {recorded}") from None
+    return recorded, status
+
+
+def hand_edit_event(recorded: str, status: str, noticed_by: str, now: datetime | None = None) -> ApprovalEvent:
+    """The history entry for a status set by editing the tag: MLflow keeps no record of who edited a
+    tag, so the approver is unknown and the entry says who noticed it."""
+    return make_event(recorded, status, "unknown (MLflow UI tag edit)",
+                      f"approval_status tag set to {status} by hand in the MLflow UI; recorded by {noticed_by}",
+                      False, now=now, via=VIA_MLFLOW_UI)
 
 
 def can_promote(status: str) -> bool:
@@ -73,6 +111,18 @@ def can_promote(status: str) -> bool:
 def check_promotable(version: str, status: str) -> None:
     if not can_promote(status):
         raise RegistryError(f"version {version} is {status}; only an {APPROVED} version can become {CHAMPION}")
+
+
+def is_better_than_champion(challenger_accuracy: float, champion_accuracy: float, champion_version: str,
+                            min_delta: float) -> tuple[bool, str]:
+    """The champion/challenger gate: both accuracies measured on the same test set; the challenger
+    must reach the champion's plus ``min_delta`` (negative: may be that much worse)."""
+    delta = challenger_accuracy - champion_accuracy
+    verdict = (f"challenger test accuracy {challenger_accuracy:.4f} minus champion v{champion_version}'s "
+               f"{champion_accuracy:.4f} on the same test set = {delta:+.4f}")
+    if delta < min_delta:
+        return False, f"{verdict}, below register.champion_min_delta {min_delta:+.4f}"
+    return True, f"{verdict} >= register.champion_min_delta {min_delta:+.4f}"
 
 
 def meets_quality_gate(metrics: dict[str, float], min_test_accuracy: float) -> tuple[bool, str]:

@@ -1,6 +1,7 @@
 """The registry's MLflow side: register, read, approve/reject, promote and roll back versions.
 
-Each function makes its decision with :mod:`registry.approval` and then acts with one MLflow call.
+Each function makes its decision with :mod:`registry.approval` and then acts with MLflow calls. These
+functions trust their caller about who acts; :mod:`registry.actions` authorizes first.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ml.errors import RegistryError
-from registry.approval import (APPROVED, CHAMPION, PENDING, REJECTED, check_approver, check_promotable,
-                               make_event)
+from registry.approval import (APPROVED, CHAMPION, PENDING, REJECTED, VIA_CLI, ApprovalEvent, check_approver,
+                               check_promotable, hand_edit_event, make_event, unrecorded_transition)
 
 STATUS_TAG = "approval_status"
 HISTORY_TAG = "approval_history"
 CHAMPION_HISTORY_TAG = "champion_history"
+HISTORY_KEPT = 50
 
 
 @dataclass(frozen=True)
@@ -46,29 +48,47 @@ def _record(mv: Any, aliases: tuple[str, ...] | None = None) -> VersionRecord:
                          aliases, tags, history)
 
 
+def is_not_found(exc: Exception) -> bool:
+    """Whether an MlflowException says the thing asked for does not exist (not: access denied)."""
+    return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
+                                              "ENDPOINT_NOT_FOUND")
+
+
 def get_version(client: Any, name: str, version: str | int) -> VersionRecord:
     from mlflow.exceptions import MlflowException
 
     try:
         return _record(client.get_model_version(name, str(version)))
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_not_found(exc):
+            raise
         raise RegistryError(f"model {name!r} version {version}: not found in the registry") from None
 
 
 def list_versions(client: Any, name: str) -> list[VersionRecord]:
+    from mlflow.exceptions import MlflowException
+
     # search results carry no aliases; the registered model has them all
-    aliases = client.get_registered_model(name).aliases or {}
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException as exc:
+        if not is_not_found(exc):
+            raise
+        raise RegistryError(f"model {name!r}: not found in the registry") from None
     versions = client.search_model_versions(f"name = '{name}'")
     return sorted((_record(mv, tuple(a for a, v in aliases.items() if str(v) == str(mv.version)))
                    for mv in versions), key=lambda r: int(r.version))
 
 
-def champion(client: Any, name: str) -> VersionRecord | None:
+def champion(client: Any, name: str, alias: str = CHAMPION) -> VersionRecord | None:
+    """The version holding ``alias``, or None (also when the model does not exist yet)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return _record(client.get_model_version_by_alias(name, CHAMPION))
-    except MlflowException:
+        return _record(client.get_model_version_by_alias(name, alias))
+    except MlflowException as exc:
+        if not is_not_found(exc):
+            raise
         return None
 
 
@@ -78,7 +98,9 @@ def register_version(client: Any, name: str, model_uri: str, run_id: str, tags: 
 
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_not_found(exc):
+            raise
         client.create_registered_model(name, description="Registered by mlops-pipeline; approve before promotion.")
     all_tags = {**{k: str(v) for k, v in tags.items()}, STATUS_TAG: PENDING, HISTORY_TAG: "[]"}
     mv = client.create_model_version(name, model_uri, run_id=run_id, tags=all_tags)
@@ -91,47 +113,86 @@ def run_author(client: Any, run_id: str | None) -> str | None:
     return client.get_run(run_id).data.tags.get("mlflow.user")
 
 
-def decide(client: Any, name: str, version: str | int, target: str, approver: str, reason: str,
-           allow_self_approval: bool = False) -> VersionRecord:
-    """Moves a version to Approved or Rejected, appending who, when and why to its history."""
+def _hand_edits(record: VersionRecord, noticed_by: str) -> list[ApprovalEvent]:
+    """The event a hand edit of the status tag needs in the history (none when the history agrees)."""
+    edit = unrecorded_transition(record.status, record.history)
+    return [hand_edit_event(*edit, noticed_by=noticed_by)] if edit else []
+
+
+def _write_history(client: Any, record: VersionRecord, events: list[ApprovalEvent]) -> None:
+    history = [*record.history, *(e.to_dict() for e in events)]
+    client.set_model_version_tag(record.name, record.version, HISTORY_TAG, json.dumps(history))
+
+
+def record_hand_edit(client: Any, name: str, version: str | int, noticed_by: str) -> VersionRecord:
+    """Appends a history event when ``approval_status`` was edited by hand (MLflow UI), so the
+    history again explains the status. Raises when the edit is not a legal transition."""
     record = get_version(client, name, version)
+    events = _hand_edits(record, noticed_by)
+    if not events:
+        return record
+    _write_history(client, record, events)
+    return get_version(client, name, record.version)
+
+
+def decide(client: Any, name: str, version: str | int, target: str, approver: str, reason: str,
+           allow_self_approval: bool = False, via: str = VIA_CLI) -> VersionRecord:
+    """Moves a version to Approved or Rejected, appending who, when and why to its history.
+
+    A status set earlier by a hand edit of the tag is recorded first, so the history stays complete.
+    Every check runs before the first write. A rejected version loses its aliases.
+    """
+    record = get_version(client, name, version)
+    events = _hand_edits(record, noticed_by=approver)
     self_approval = False
     if target == APPROVED:
         self_approval = check_approver(approver, run_author(client, record.run_id), allow_self_approval)
-    event = make_event(record.status, target, approver, reason, self_approval)
-    history = [*record.history, event.to_dict()]
-    client.set_model_version_tag(name, record.version, HISTORY_TAG, json.dumps(history))
+    events.append(make_event(record.status, target, approver, reason, self_approval, via=via))
+    _write_history(client, record, events)
     client.set_model_version_tag(name, record.version, STATUS_TAG, target)
-    if target == REJECTED and CHAMPION in record.aliases:
-        client.delete_registered_model_alias(name, CHAMPION)
+    if target == REJECTED:
+        for alias in record.aliases:  # a rejected version is served under no alias
+            client.delete_registered_model_alias(name, alias)
     return get_version(client, name, record.version)
 
 
-def _champion_history(client: Any, name: str) -> list[dict]:
+def alias_history_tag(alias: str) -> str:
+    """The registered-model tag holding the promotions of ``alias`` (``champion_history``)."""
+    return CHAMPION_HISTORY_TAG if alias == CHAMPION else f"{alias}_history"
+
+
+def alias_history(client: Any, name: str, alias: str = CHAMPION) -> list[dict]:
     tags = client.get_registered_model(name).tags or {}
-    return json.loads(tags.get(CHAMPION_HISTORY_TAG, "[]"))
+    return json.loads(tags.get(alias_history_tag(alias), "[]"))
 
 
-def promote(client: Any, name: str, version: str | int, by: str) -> VersionRecord:
-    """Points ``champion`` at an Approved version and records the one it replaces."""
+def promote(client: Any, name: str, version: str | int, by: str, alias: str = CHAMPION,
+            note: dict[str, str] | None = None) -> VersionRecord:
+    """Points ``alias`` at an Approved version and records the one it replaces (``note`` adds
+    fields to that record, e.g. the flow run that promoted). Promoting the holder again is a no-op."""
     record = get_version(client, name, version)
     check_promotable(record.version, record.status)
-    previous = champion(client, name)
-    history = _champion_history(client, name)
+    events = _hand_edits(record, noticed_by=by)
+    previous = champion(client, name, alias)
+    if previous is not None and previous.version == record.version and not events:
+        return record
+    history = alias_history(client, name, alias)
     history.append({"version": record.version, "previous": previous.version if previous else None,
-                    "by": by, "at": datetime.now(UTC).isoformat(timespec="seconds")})
-    client.set_registered_model_tag(name, CHAMPION_HISTORY_TAG, json.dumps(history[-50:]))
-    client.set_registered_model_alias(name, CHAMPION, record.version)
+                    "by": by, "at": datetime.now(UTC).isoformat(timespec="seconds"), **(note or {})})
+    if events:
+        _write_history(client, record, events)
+    client.set_registered_model_tag(name, alias_history_tag(alias), json.dumps(history[-HISTORY_KEPT:]))
+    client.set_registered_model_alias(name, alias, record.version)
     return get_version(client, name, record.version)
 
 
-def rollback(client: Any, name: str, by: str) -> VersionRecord:
-    """Gives ``champion`` back to the version it had before the last promotion."""
-    current = champion(client, name)
+def rollback(client: Any, name: str, by: str, alias: str = CHAMPION) -> VersionRecord:
+    """Gives ``alias`` back to the version it had before the last promotion."""
+    current = champion(client, name, alias)
     if current is None:
-        raise RegistryError(f"model {name!r} has no {CHAMPION}; nothing to roll back")
-    previous = next((h["previous"] for h in reversed(_champion_history(client, name))
+        raise RegistryError(f"model {name!r} has no {alias}; nothing to roll back")
+    previous = next((h["previous"] for h in reversed(alias_history(client, name, alias))
                      if h["version"] == current.version and h["previous"]), None)
     if previous is None:
-        raise RegistryError(f"model {name!r}: no earlier {CHAMPION} recorded before version {current.version}")
-    return promote(client, name, previous, by)
+        raise RegistryError(f"model {name!r}: no earlier {alias} recorded before version {current.version}")
+    return promote(client, name, previous, by, alias)

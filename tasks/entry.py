@@ -38,7 +38,8 @@ def parent_run_id(explicit: str | None = None) -> str | None:
 
 @contextmanager
 def stage_run(params: Any, stage: str, *, run_name: str | None = None, parent: str | None = None,
-              tags: Mapping[str, Any] | None = None, system_metrics: bool = False) -> Iterator[Any]:
+              tags: Mapping[str, Any] | None = None, system_metrics: bool = False,
+              kind: str = "stage") -> Iterator[Any]:
     """An MLflow run for one stage, with the stage's stdout and stderr captured to
     ``console/<stage>.log`` among its artifacts, also when the stage fails (then the run is
     FAILED and tagged with the error)."""
@@ -47,7 +48,7 @@ def stage_run(params: Any, stage: str, *, run_name: str | None = None, parent: s
 
     tracker = MlflowTracker.start(params.tracking, run_name or stage, tags={"stage": stage, **flow_run_tags(),
                                                                            **(tags or {})},
-                                  parent_run_id=parent_run_id(parent), kind="stage", system_metrics=system_metrics)
+                                  parent_run_id=parent_run_id(parent), kind=kind, system_metrics=system_metrics)
     log_dir = Path(tempfile.mkdtemp(prefix=f"mlops-{stage}-"))
     log_file = log_dir / f"{stage}.log"
     status = "FINISHED"

@@ -1,4 +1,18 @@
-"""register: a new model version, PendingManualApproval, with its lineage. It never moves an alias."""
+"""register: a new model version, PendingManualApproval, with its lineage. It never moves an alias.
+
+Two gates decide whether a trained model is registered at all:
+
+1. absolute: test accuracy >= ``register.min_test_accuracy``;
+2. champion/challenger: when a champion exists, it is scored on the same test split
+   (``data.processed_dir``) and the challenger's accuracy minus the champion's must reach
+   ``register.champion_min_delta``.
+
+A model that fails either gate is not registered: the registry holds only candidates worth a
+person's review, so a list of pending versions is a list of real decisions. The evidence is not
+lost: the verdict, the reason and the champion's numbers are set as tags on the source run, where
+the MLflow UI shows them beside the run's metrics. A model that passes carries the same comparison
+as tags on its version and in ``register.output``, so the approver sees it.
+"""
 
 from __future__ import annotations
 
@@ -12,26 +26,59 @@ from ml.errors import QualityGateFailed
 from ml.io import atomic_write_json, read_json
 from ml.tracking import configure_mlflow
 from registry.approval import meets_quality_gate
+from registry.challenger import compare_with_champion
 from registry.store import register_version
-from tasks.entry import should_retry, stage_main
+from tasks.entry import should_retry, stage_main, stage_run
+
+REFUSED_TAG = "register_refused"
+REGISTERED_TAG = "registered_version"
 
 
-def run(params_path: str = "params.yaml") -> dict[str, Any]:
+def tag_run(client: Any, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def refuse(client: Any, run_id: str, why: str, tags: dict[str, str]) -> QualityGateFailed:
+    """Records on the source run why its model was not registered; returns the error to raise."""
+    tag_run(client, run_id, {**tags, REFUSED_TAG: why[:5000]})
+    return QualityGateFailed(f"not registered: {why}")
+
+
+def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
     params = load_params(params_path)
-    cfg = params.register
     trained = read_json(params.train.run_file)
+    with stage_run(params, "register", parent=parent_run_id, tags={"source_run_id": trained["run_id"]}) as tracker:
+        summary = _register(params, trained)
+        tracker.set_tags({"registered_model": summary["model_name"], "registered_version": summary["version"]})
+    return summary
+
+
+def _register(params: Any, trained: dict[str, Any]) -> dict[str, Any]:
+    cfg = params.register
     metrics = read_json(params.evaluate.metrics_file)
+    run_id = trained["run_id"]
+    client = configure_mlflow(params.tracking)
     passed, why = meets_quality_gate(metrics, cfg.min_test_accuracy)
     if not passed:
-        raise QualityGateFailed(f"not registered: {why}")
-    client = configure_mlflow(params.tracking)
+        raise refuse(client, run_id, why, {"quality_gate": f"failed: {why}"})
+    comparison = compare_with_champion(client, cfg.model_name, metrics["accuracy"], params.data.processed_dir,
+                                       cfg.champion_min_delta)
+    if not comparison.passed:
+        raise refuse(client, run_id, comparison.reason, {"quality_gate": f"passed: {why}", **comparison.tags()})
     dataset = trained["dataset"]
-    record = register_version(client, cfg.model_name, trained["model_uri"], trained["run_id"], tags={
-        "source_run_id": trained["run_id"], "dataset_md5": dataset["md5"], "dataset_source": dataset["source"],
+    record = register_version(client, cfg.model_name, trained["model_uri"], run_id, tags={
+        "source_run_id": run_id, "dataset_md5": dataset["md5"], "dataset_source": dataset["source"],
         "dataset_path": dataset["path"], "git_commit": trained["git"]["commit"],
-        "test_accuracy": f"{metrics['accuracy']:.6f}", "quality_gate": why})
+        "test_accuracy": f"{metrics['accuracy']:.6f}", "quality_gate": why, **comparison.tags()})
+    tag_run(client, run_id, {"quality_gate": f"passed: {why}", **comparison.tags(),
+                             REGISTERED_TAG: f"{record.name}/{record.version}"})
+    if REFUSED_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, REFUSED_TAG)
     summary = {"model_name": record.name, "version": record.version, "status": record.status,
-               "run_id": record.run_id, "test_accuracy": metrics["accuracy"], "dataset_md5": dataset["md5"]}
+               "run_id": record.run_id, "test_accuracy": metrics["accuracy"], "dataset_md5": dataset["md5"],
+               "champion_gate": comparison.to_dict()}
     atomic_write_json(cfg.output, summary)
     return summary
 

@@ -3,8 +3,9 @@ from datetime import UTC, datetime
 import pytest
 
 from ml.errors import RegistryError
-from registry.approval import (APPROVED, PENDING, REJECTED, can_promote, check_approver, check_transition,
-                               make_event, meets_quality_gate)
+from registry.approval import (APPROVED, PENDING, REJECTED, VIA_MLFLOW_UI, can_promote, check_approver,
+                               check_transition, hand_edit_event, is_better_than_champion, make_event,
+                               meets_quality_gate, unrecorded_transition)
 
 
 @pytest.mark.parametrize("current, target, legal", [
@@ -50,7 +51,8 @@ def test_separation_of_duties(approver, author, allow, outcome):
 def test_event_records_who_when_why():
     event = make_event(PENDING, APPROVED, "alice", "  fine  ", False, now=datetime(2026, 1, 2, tzinfo=UTC))
     assert event.to_dict() == {"from_status": PENDING, "to_status": APPROVED, "by": "alice",
-                               "at": "2026-01-02T00:00:00+00:00", "reason": "fine", "self_approval": False}
+                               "at": "2026-01-02T00:00:00+00:00", "reason": "fine", "self_approval": False,
+                               "via": "cli"}
     with pytest.raises(RegistryError, match="reason"):
         make_event(PENDING, APPROVED, "alice", " ", False)
 
@@ -64,3 +66,142 @@ def test_only_approved_is_promotable(status, ok):
 def test_quality_gate(accuracy, threshold, ok):
     passed, why = meets_quality_gate({"accuracy": accuracy}, threshold)
     assert passed is ok and f"{threshold:.4f}" in why
+
+
+@pytest.mark.parametrize("challenger, champion, delta, ok", [
+    (0.95, 0.90, 0.0, True),
+    (0.90, 0.90, 0.0, True),
+    (0.89, 0.90, 0.0, False),
+    (0.91, 0.90, 0.02, False),
+    (0.89, 0.90, -0.02, True),
+])
+def test_champion_challenger_gate(challenger, champion, delta, ok):
+    passed, why = is_better_than_champion(challenger, champion, "3", delta)
+    assert passed is ok
+    assert f"{challenger:.4f}" in why and f"{champion:.4f}" in why and "champion v3" in why
+    assert ("below register.champion_min_delta" in why) is not ok
+
+
+def event(target, source=PENDING):
+    return make_event(source, target, "alice", "ok", False).to_dict()
+
+
+@pytest.mark.parametrize("status, history, expected", [
+    (PENDING, [], None),
+    (APPROVED, [event(APPROVED)], None),
+    (APPROVED, [], (PENDING, APPROVED)),
+    (REJECTED, [], (PENDING, REJECTED)),
+    (REJECTED, [event(APPROVED)], (APPROVED, REJECTED)),
+    (PENDING, [event(APPROVED)], None),  # a decision in flight: history written, status not yet
+])
+def test_unrecorded_transition_finds_hand_edits(status, history, expected):
+    assert unrecorded_transition(status, history) == expected
+
+
+@pytest.mark.parametrize("status, history, fragment", [
+    (APPROVED, [event(REJECTED)], "approval_status tag 'Approved' was set by hand after Rejected: illegal transition"),
+    (PENDING, [event(APPROVED), event(REJECTED, APPROVED)], "set the tag back to Rejected"),
+    ("approved", [], "status 'approved': expected one of"),
+])
+def test_illegal_hand_edits_are_refused(status, history, fragment):
+    with pytest.raises(RegistryError, match=fragment):
+        unrecorded_transition(status, history)
+
+
+def test_hand_edit_event_says_the_approver_is_unknown():
+    e = hand_edit_event(PENDING, APPROVED, "flow-bot", now=datetime(2026, 1, 2, tzinfo=UTC)).to_dict()
+    assert e["via"] == VIA_MLFLOW_UI and e["by"].startswith("unknown") and "recorded by flow-bot" in e["reason"]
+    assert (e["from_status"], e["to_status"]) == (PENDING, APPROVED)
+
+
+# -- the registry side, on a real embedded SQLite store -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """An MLflow SQLite file with its schema created once (the migrations take seconds)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path, empty_store):
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from registry import store
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("approval", artifact_location=(tmp_path / "artifacts").as_uri())
+    for _ in range(3):
+        run = client.create_run(exp, tags={"mlflow.user": "alice"})
+        store.register_version(client, "m", f"runs:/{run.info.run_id}/model", run.info.run_id,
+                               {"test_accuracy": "0.950000", "champion_gate": "passed", "champion_version": "1",
+                                "champion_test_accuracy": "0.900000", "champion_delta": "+0.050000"})
+    return uri, client
+
+
+def test_decide_records_a_hand_edit_before_the_decision(registry):
+    from registry import actions
+
+    uri, client = registry
+    client.set_model_version_tag("m", "1", "approval_status", APPROVED)
+    record = actions.reject_version(uri, "m", "1", "regressed on slice X", approver="carol")
+    assert [(e["to_status"], e["via"], e["by"]) for e in record.history] == [
+        (APPROVED, "mlflow-ui", "unknown (MLflow UI tag edit)"), (REJECTED, "cli", "carol")]
+    assert record.status == REJECTED
+
+
+def test_promote_rollback_and_reject_move_aliases(registry):
+    from registry import actions, store
+
+    uri, client = registry
+    for version in ("1", "2"):
+        actions.approve_version(uri, "m", version, "good", approver="bob")
+        actions.promote_version(uri, "m", version)
+    assert store.champion(client, "m").version == "2"
+    assert [(h["version"], h["previous"]) for h in store.alias_history(client, "m")] == [("1", None), ("2", "1")]
+    assert actions.rollback_alias(uri, "m").version == "1"
+    actions.promote_version(uri, "m", "2", alias="staging")
+    assert store.champion(client, "m", "staging").version == "2"
+    assert "staging_history" in client.get_registered_model("m").tags
+    actions.reject_version(uri, "m", "2", "revoked", approver="bob")
+    assert store.champion(client, "m", "staging") is None and store.champion(client, "m").version == "1"
+
+
+def test_refusals_change_nothing(registry):
+    from registry import actions, store
+
+    uri, client = registry
+    before = store.get_version(client, "m", "3")
+    with pytest.raises(RegistryError, match="only an Approved version can become champion"):
+        actions.promote_version(uri, "m", "3")
+    with pytest.raises(RegistryError, match="approver 'alice' is the author of the source run"):
+        actions.approve_version(uri, "m", "3", "mine", approver="alice")
+    with pytest.raises(RegistryError, match="no champion; nothing to roll back"):
+        actions.rollback_alias(uri, "m")
+    assert store.get_version(client, "m", "3") == before
+    assert not client.get_registered_model("m").aliases
+
+
+def test_cli_models_on_the_embedded_store(registry, capsys, monkeypatch):
+    from mlops.cli import main
+
+    uri, _ = registry
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    main(["--tracking-uri", uri, "models", "approve", "m", "1", "--reason", "ok", "--approver", "bob"])
+    main(["--tracking-uri", uri, "models", "promote", "m", "1"])
+    capsys.readouterr()
+    main(["--tracking-uri", uri, "models", "list", "m"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("m v1 [champion]: Approved  accuracy=0.950000  vs champion v1 0.9000: +0.0500 (passed)")
+    assert len(lines) == 3
+    with pytest.raises(SystemExit) as exc:
+        main(["--tracking-uri", uri, "models", "show", "m", "9"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: model 'm' version 9: not found in the registry"

@@ -16,8 +16,8 @@ EXPECTED = {
               *section_keys(CheckpointConfig, "checkpoint")],
     "evaluate": ["data.processed_dir", "train.model_dir", "train.run_file",
                  *section_keys(EvaluateConfig, "evaluate"), "tracking.uri"],
-    "register": ["train.run_file", "evaluate.metrics_file", *section_keys(RegisterConfig, "register"),
-                 "tracking.uri"],
+    "register": ["data.processed_dir", "train.run_file", "evaluate.metrics_file",
+                 *section_keys(RegisterConfig, "register"), "tracking.uri"],
 }
 
 

@@ -1,0 +1,121 @@
+"""The champion/challenger gate of the register stage, on the embedded SQLite store.
+
+The champion is a real registered PyTorch model whose accuracy on the test split is known by
+construction: an MLP whose output always favours class 0.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from ml.errors import QualityGateFailed
+from ml.model import MLP, ModelSpec
+from registry import actions, store
+from tests.conftest import run_module, small_params, write_params
+
+pytestmark = pytest.mark.slow
+
+MODEL = "digits-classifier"
+
+
+def constant_model(in_features: int) -> MLP:
+    """Predicts class 0 for every input."""
+    model = MLP(ModelSpec(in_features, (4,), 10, 0.0))
+    with torch.no_grad():
+        for parameter in model.net.parameters():
+            parameter.zero_()
+        model.net[-1].bias[0] = 1.0
+    return model.eval()
+
+
+def register_champion(project, model: MLP) -> str:
+    """Logs ``model`` as a run authored by alice, registers, approves and promotes it."""
+    import mlflow
+    import mlflow.pytorch
+
+    uri = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("mlops-pipeline").experiment_id
+    run = client.create_run(experiment, tags={"mlflow.user": "alice", "stage": "train"})
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(run_id=run.info.run_id):
+        example = np.zeros((4, model.spec.in_features), dtype=np.float32)
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"])
+    version = store.register_version(client, MODEL, info.model_uri, run.info.run_id, {}).version
+    actions.approve_version(uri, MODEL, version, "baseline", approver="bob")
+    actions.promote_version(uri, MODEL, version)
+    return version
+
+
+def set_min_delta(project, delta):
+    write_params(project, small_params(register={"min_test_accuracy": 0.5, "champion_min_delta": delta}))
+
+
+def test_challenger_is_compared_with_the_champion_on_the_same_test_set(project):
+    from tasks.register import run as register
+
+    for stage in ("prepare", "validate", "train", "evaluate"):
+        done = run_module(f"tasks.{stage}", cwd=project)
+        assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db", registry_uri=f"sqlite:///{project}/mlflow.db")
+    challenger_accuracy = json.loads((project / "reports/metrics.json").read_text())["accuracy"]
+    run_id = json.loads((project / "reports/train_run.json").read_text())["run_id"]
+
+    write_params(project, small_params(register={"min_test_accuracy": 1.0}))
+    with pytest.raises(QualityGateFailed, match="not registered: test accuracy .* is below register.min_test_accuracy"):
+        register("params.yaml")
+    tags = client.get_run(run_id).data.tags
+    assert tags["quality_gate"].startswith("failed: test accuracy") and "register_refused" in tags
+    assert not client.search_registered_models()
+
+    set_min_delta(project, 0.0)
+    first = register("params.yaml")
+    assert first["version"] == "1" and first["champion_gate"]["verdict"] == "no_champion"
+    assert store.get_version(client, MODEL, "1").tags["champion_gate"] == "no_champion"
+
+    champion_version = register_champion(project, constant_model(64))
+    test_labels = pd.read_parquet(project / "data/processed/test.parquet")["label"]
+    champion_accuracy = float((test_labels == 0).mean())
+
+    # A challenger must beat the champion by 0.95: impossible, since the champion scores ~0.1.
+    set_min_delta(project, 0.95)
+    done = run_module("tasks.register", cwd=project)
+    assert done.returncode == 4
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: not registered: challenger test accuracy ")
+    assert f"{challenger_accuracy:.4f}" in line and f"champion v{champion_version}'s {champion_accuracy:.4f}" in line
+    assert "below register.champion_min_delta +0.9500" in line
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")) == [1, 2]
+    tags = client.get_run(run_id).data.tags
+    assert tags["champion_gate"] == "failed" and tags["champion_version"] == champion_version
+    assert float(tags["champion_test_accuracy"]) == pytest.approx(champion_accuracy, abs=1e-6)
+    assert tags["register_refused"].startswith("challenger test accuracy")
+    assert store.champion(client, MODEL).version == champion_version
+
+    set_min_delta(project, 0.0)
+    summary = register("params.yaml")
+    gate = summary["champion_gate"]
+    assert gate["verdict"] == "passed" and gate["champion_version"] == champion_version
+    assert gate["champion_test_accuracy"] == pytest.approx(champion_accuracy)
+    assert gate["delta"] == pytest.approx(challenger_accuracy - champion_accuracy)
+    assert json.loads((project / "reports/registered.json").read_text())["champion_gate"] == gate
+    version = store.get_version(client, MODEL, summary["version"])
+    assert version.status == "PendingManualApproval"
+    assert (version.tags["champion_gate"], version.tags["champion_version"]) == ("passed", champion_version)
+    assert float(version.tags["champion_delta"]) == pytest.approx(gate["delta"], abs=1e-6)
+    tags = client.get_run(run_id).data.tags
+    assert tags["registered_version"] == f"{MODEL}/{summary['version']}" and "register_refused" not in tags
+    assert store.champion(client, MODEL).version == champion_version
+
+    # A champion trained on other features cannot score this test set: recorded, not fatal.
+    other = register_champion(project, constant_model(10))
+    summary = register("params.yaml")
+    assert summary["champion_gate"]["verdict"] == "incomparable"
+    assert summary["champion_gate"]["champion_version"] == other
+    assert store.get_version(client, MODEL, summary["version"]).tags["champion_gate"] == "incomparable"
+
