@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.promotion import start_promotion
 from ml.errors import cli_errors
 from tasks.evaluate import evaluate_task
 from tasks.prepare import prepare_task
@@ -79,12 +80,15 @@ def training_pipeline(params_path: str = "params.yaml", version_data: bool = Tru
         pipeline.set_tags({"train_run_id": trained["run_id"], "dataset_md5": trained["dataset"]["md5"],
                            "dataset_source": trained["dataset"]["source"]})
         evaluate_task(params_path, parent_run_id=parent)
-        registered = register_task(params_path)
+        registered = register_task(params_path, parent_run_id=parent)
         pipeline.set_tags({"registered_model": registered["model_name"],
                            "registered_version": registered["version"]})
         if version_data and Path(params_path).resolve() == Path("params.yaml").resolve() and Path("dvc.yaml").exists():
             version_outputs_task()
         status = "FINISHED"
+        # With promotion.after_training, hand the new version to the promotion flow (it waits for
+        # the approval in the registry); otherwise this does nothing.
+        start_promotion(registered["model_name"], registered["version"], params_path)
     finally:
         pipeline.close(status)
     return {**registered, "pipeline_run_id": parent, "pipeline_run_url": pipeline.url}

@@ -167,6 +167,104 @@ class PromotionConfig:
     after_training: bool = field(metadata=_check("any", "the training flow ends by starting the promotion flow"))
 
 
+# TrainConfig keys a study may search, and whether a {low, high, log} range suits them (floats);
+# the others take a list of choices.
+TUNABLE = {"lr": True, "weight_decay": True, "dropout": True, "batch_size": False, "hidden_sizes": False}
+# The monitored metric and the direction in which it improves.
+TUNE_METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One dimension of a search space: a float range ``low``..``high`` (log scale when ``log``), or
+    ``choices`` (values of the train key, lists included)."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+
+def _search_param(name: str, spec: Any) -> SearchParam:
+    """Checks one entry of ``tune.space`` against the train key it searches."""
+    key = f"tune.space.{name}"
+    if name not in TUNABLE:
+        raise ConfigError(f"{key}: unknown parameter; expected one of {', '.join(TUNABLE)}")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{key}: expected a mapping {{low, high, log}} or {{choices}}, got {spec!r}")
+    train_field = TrainConfig.__dataclass_fields__[name]
+    tp = typing.get_type_hints(TrainConfig)[name]
+    if "choices" in spec:
+        if set(spec) != {"choices"}:
+            raise ConfigError(f"{key}: expected `choices` alone, got keys {', '.join(sorted(map(str, spec)))}")
+        raw = spec["choices"]
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{key}.choices: expected a non-empty list of values, got {raw!r}")
+        choices = []
+        for i, value in enumerate(raw):
+            value = _coerce(f"{key}.choices[{i}]", value, tp)
+            _validate_value(f"{key}.choices[{i}]", value, dict(train_field.metadata))
+            choices.append(value)
+        if len(set(choices)) != len(choices):
+            raise ConfigError(f"{key}.choices: expected distinct values, got {raw!r}")
+        return SearchParam(name, choices=tuple(choices))
+    if not TUNABLE[name]:
+        floats = ", ".join(k for k, is_float in TUNABLE.items() if is_float)
+        raise ConfigError(f"{key}: expected {{choices: [...]}} (a range suits only {floats}), got {spec!r}")
+    unknown = sorted(set(spec) - {"low", "high", "log"})
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key; expected low, high, log (or choices alone)")
+    for bound in ("low", "high"):
+        if bound not in spec:
+            raise ConfigError(f"{key}.{bound}: missing key (the range's {'lower' if bound == 'low' else 'upper'} bound)")
+    low = _coerce(f"{key}.low", spec["low"], float)
+    high = _coerce(f"{key}.high", spec["high"], float)
+    for bound, value in (("low", low), ("high", high)):
+        _validate_value(f"{key}.{bound}", value, dict(train_field.metadata))
+    if not low < high:
+        raise ConfigError(f"{key}.high: expected a value above {key}.low, got {high:g} <= {low:g}")
+    log = _coerce(f"{key}.log", spec.get("log", False), bool)
+    if log and low <= 0:
+        raise ConfigError(f"{key}.log: expected false when low is {low:g} (a log scale needs low > 0)")
+    return SearchParam(name, low=low, high=high, log=log)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """tune: an Optuna study over train's hyperparameters; each trial trains with ``train`` but for
+    the keys in ``space``, as an MLflow run nested in the study's run."""
+
+    n_trials: int = field(metadata=_check("positive", "trials each invocation runs; a study found in storage resumes and grows by this many"))
+    timeout_s: float | None = field(metadata=_check("positive_or_none", "seconds after which no new trial starts, or null for no limit"))
+    seed: int = field(metadata=_check("nonneg", "seed of the TPE sampler"))
+    metric: str = field(metadata=_check("choice", "validation metric a trial is scored by, at its last epoch",
+                                        choices=tuple(TUNE_METRICS)))
+    direction: str = field(metadata=_check("choice", "whether the study maximizes or minimizes the metric",
+                                           choices=("maximize", "minimize")))
+    pruner: str = field(metadata=_check("choice", "stops unpromising trials early", choices=("median", "none")))
+    pruner_warmup_epochs: int = field(metadata=_check("nonneg", "epochs a trial runs before it may be pruned"))
+    pruner_startup_trials: int = field(metadata=_check("nonneg", "trials that complete before any is pruned"))
+    storage: str = field(metadata=_check("url", "an Optuna RDB URL such as sqlite:///optuna.db or postgresql://host/db"))
+    study_name: str = field(metadata=_check("name", "study name: letters, digits, '.', '_' or '-'"))
+    trials_dir: str = field(metadata=_check("nonempty", "directory of each trial's weights, run file and metrics"))
+    space: dict = field(metadata=_check("any", "train keys searched: {low, high, log} for floats, {choices: [...]} otherwise"))
+
+    def __post_init__(self) -> None:
+        if not self.space:
+            raise ConfigError("tune.space: expected at least one train key to search, got {}")
+        expected = TUNE_METRICS[self.metric]
+        if self.direction != expected:
+            raise ConfigError(f"tune.direction: expected {expected} for tune.metric {self.metric}, got {self.direction!r}")
+        for name, spec in self.space.items():
+            _search_param(str(name), spec)
+
+    @property
+    def search_space(self) -> tuple[SearchParam, ...]:
+        """``space`` as checked search dimensions, in the order params.yaml lists them."""
+        return tuple(_search_param(str(name), spec) for name, spec in self.space.items())
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole params.yaml."""
@@ -181,6 +279,7 @@ class Params:
     checkpoint: CheckpointConfig
     serve: ServeConfig
     promotion: PromotionConfig
+    tune: TuneConfig
 
 
 def _type_name(tp: Any) -> str:
@@ -226,6 +325,8 @@ def _validate_value(key: str, value: Any, meta: dict[str, Any]) -> None:
         "positive_items": lambda v: len(v) == 0 or any(x <= 0 for x in v),
         "choice": lambda v: v not in meta["choices"],
         "at_least_2": lambda v: v < 2,
+        "url": lambda v: "://" not in v or v.startswith("://"),
+        "name": lambda v: not v or any(not (c.isalnum() or c in "._-") for c in v),
         "monitor_items": lambda v: any(len(s.split(":")) != 2 or not s.split(":")[0]
                                        or s.split(":")[1] not in ("min", "max") for s in v),
         "any": lambda v: False,

@@ -1,0 +1,369 @@
+"""tune: an Optuna study over train's hyperparameters, each trial an MLflow run nested in the study's.
+
+    study = open_study(params.tune)
+    outcome = run_study(study, context, study_run)   # trials: suggest -> train -> report/prune -> log
+    summary = adopt_best_trial(outcome, params.train, study_run.client)
+
+A trial trains with ``params.train`` except for the keys of ``tune.space``, into its own directory
+(``<trials_dir>/<study_name>/trial-NNNN/``), without checkpoints. After each epoch a
+:class:`PruningHook` reports the monitored validation metric to Optuna; when the pruner says so the
+loop stops and the trial is recorded as pruned. Completed trials log their model. The best trial
+then becomes the pipeline's trained model: its weights go to ``train.model_dir`` and its summary to
+``train.run_file`` in the train stage's format, so evaluate and register continue from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ml.config import Params, SearchParam, TrainConfig, TuneConfig, flatten
+from ml.errors import ConfigError, PipelineError
+from ml.io import atomic_write_json, replace_dir
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ml.loop import LoopState
+
+logger = logging.getLogger(__name__)
+
+TRIAL_TAG = "optuna_trial"
+STUDY_TAG = "optuna_study"
+STATE_TAG = "optuna_state"
+RUN_ID_ATTR = "mlflow_run_id"
+SUMMARY_ATTR = "train_summary"
+WEIGHTS_ARTIFACTS = "weights"
+METRICS_ARTIFACTS = "metrics"
+# A trial whose process died is still RUNNING in the storage; after this long without a heartbeat the
+# next optimize() of the study marks it FAIL.
+HEARTBEAT_S = 60
+GRACE_S = 180
+
+
+# -- the search space -------------------------------------------------------------------------------
+
+def choice_label(value: Any) -> Any:
+    """Optuna keeps categorical choices as None/bool/int/float/str: a tuple of widths becomes "128x64"."""
+    return "x".join(str(v) for v in value) if isinstance(value, tuple) else value
+
+
+def suggest(trial: Any, param: SearchParam) -> Any:
+    """The trial's value for one dimension, as the train key takes it (``hidden_sizes`` a tuple)."""
+    if param.choices:
+        by_label = {choice_label(c): c for c in param.choices}
+        return by_label[trial.suggest_categorical(param.name, list(by_label))]
+    return trial.suggest_float(param.name, param.low, param.high, log=param.log)
+
+
+def decode_params(space: tuple[SearchParam, ...], optuna_params: Mapping[str, Any]) -> dict[str, Any]:
+    """Optuna's stored params as train values (labels of list choices back to lists)."""
+    out: dict[str, Any] = {}
+    for param in space:
+        if param.name not in optuna_params:
+            continue
+        value = optuna_params[param.name]
+        by_label = {choice_label(c): c for c in param.choices}
+        value = by_label.get(value, value) if param.choices else value
+        out[param.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def trial_dir(cfg: TuneConfig, number: int) -> Path:
+    return Path(cfg.trials_dir) / cfg.study_name / f"trial-{number:04d}"
+
+
+def trial_train_config(trial: Any, base: TrainConfig, cfg: TuneConfig) -> TrainConfig:
+    """``base`` with the trial's suggestions, writing weights, run file and metrics under its directory."""
+    values = {param.name: suggest(trial, param) for param in cfg.search_space}
+    directory = trial_dir(cfg, trial.number)
+    return replace(base, **values, model_dir=str(directory / "model"), run_file=str(directory / "run.json"),
+                   metrics_file=str(directory / "metrics.json"))
+
+
+def trial_run_name(number: int, cfg: TrainConfig) -> str:
+    return f"trial-{number}-lr{cfg.lr:.3g}-bs{cfg.batch_size}"
+
+
+# -- pruning ------------------------------------------------------------------------------------------
+
+class PruningHook:
+    """Reports ``metric`` to the trial after every epoch; when the pruner prunes, stops the loop
+    (``state.stop_reason = "pruned"``). :meth:`raise_if_pruned` then ends the trial as pruned."""
+
+    def __init__(self, trial: Any, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+        self.pruned_at: int | None = None
+        self.last_value: float | None = None
+
+    def on_step_end(self, state: LoopState, loss: float) -> None:
+        pass
+
+    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        self.last_value = metrics[self.metric]
+        self.trial.report(self.last_value, state.epoch)
+        if self.trial.should_prune():
+            self.pruned_at = state.epoch
+            state.stop = True
+            state.stop_reason = "pruned"
+
+    def raise_if_pruned(self) -> None:
+        import optuna
+
+        if self.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned after epoch {self.pruned_at}: {self.metric}={self.last_value:.6g}")
+
+
+# -- the study ----------------------------------------------------------------------------------------
+
+def redacted_storage(url: str) -> str:
+    """The storage URL without its password, for tags and params."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only its scheme
+        return url.split("://", 1)[0] + "://..."
+
+
+def open_study(cfg: TuneConfig) -> Any:
+    """Creates the study in ``cfg.storage`` or resumes it (``load_if_exists``).
+
+    The TPE sampler's seed is ``cfg.seed`` plus the trials the study already has, so a resumed study
+    goes on deterministically instead of drawing its first random configurations again.
+    """
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+        storage = optuna.storages.RDBStorage(cfg.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    if cfg.pruner == "median":
+        pruner: Any = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                                  n_warmup_steps=cfg.pruner_warmup_epochs)
+    else:
+        pruner = optuna.pruners.NopPruner()
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction=cfg.direction,
+                                pruner=pruner, load_if_exists=True)
+    existing = study.direction.name.lower()
+    if existing != cfg.direction:
+        raise ConfigError(f"tune.direction: study {cfg.study_name} in {redacted_storage(cfg.storage)} "
+                          f"{existing}s; expected {existing} or another tune.study_name, got {cfg.direction!r}")
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.get_trials(deepcopy=False)))
+    return study
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """What every trial of one invocation shares. ``dataset`` is an :class:`ml.lineage.DatasetVersion`
+    and ``git`` a :class:`ml.lineage.GitInfo`; ``start_tracker`` has the signature of
+    :meth:`ml.tracking.MlflowTracker.start`; ``tags`` go on every trial run (git, dataset, flow run)."""
+
+    params: Params
+    study_run_id: str
+    dataset: Any
+    git: Any
+    train_frame: Any
+    example: np.ndarray
+    start_tracker: Callable[..., Any]
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+
+def run_trial(trial: Any, ctx: StudyContext) -> float:
+    """The objective: one training in a nested MLflow run; the metric at its last epoch."""
+    import optuna
+
+    tune = ctx.params.tune
+    cfg = trial_train_config(trial, ctx.params.train, tune)
+    tracker = ctx.start_tracker(ctx.params.tracking, trial_run_name(trial.number, cfg),
+                                {**ctx.tags, TRIAL_TAG: trial.number, STUDY_TAG: tune.study_name},
+                                parent_run_id=ctx.study_run_id, kind="trial", system_metrics=False)
+    trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
+    status = "FAILED"
+    try:
+        value = _train_trial(trial, cfg, tracker, ctx)
+        status = "FINISHED"
+        return value
+    except optuna.TrialPruned:
+        status = "FINISHED"
+        raise
+    except BaseException as exc:
+        tracker.set_tags({STATE_TAG: "FAIL", "error": f"{exc.__class__.__name__}: {exc}"[:5000]})
+        raise
+    finally:
+        tracker.close(status)
+
+
+def _train_trial(trial: Any, cfg: TrainConfig, tracker: Any, ctx: StudyContext) -> float:
+    from ml.training import train
+
+    tune, processed = ctx.params.tune, ctx.params.data.processed_dir
+    tracker.log_params({**flatten(cfg, "train."), "data.processed_dir": processed,
+                        "tune.study_name": tune.study_name, "tune.metric": tune.metric})
+    tracker.log_dataset(ctx.train_frame, ctx.dataset, "training")
+    hook = PruningHook(trial, tune.metric)
+    result = train(cfg, processed, tracker, [hook])
+    tracker.log_artifact(cfg.metrics_file, METRICS_ARTIFACTS)
+    if hook.pruned_at is not None:
+        tracker.set_tags({STATE_TAG: "PRUNED", "pruned_after_epoch": hook.pruned_at})
+        shutil.rmtree(cfg.model_dir, ignore_errors=True)  # a pruned trial's weights are never used
+        hook.raise_if_pruned()
+    value = result.final_metrics[tune.metric]
+    if not math.isfinite(value):
+        tracker.set_tags({STATE_TAG: "FAIL", "error": f"{tune.metric} is {value}"})
+        return value  # Optuna records a non-finite value as a failed trial
+    model_uri = tracker.log_model(result.model, ctx.example)
+    tracker.log_artifacts(cfg.model_dir, WEIGHTS_ARTIFACTS)
+    summary = {"run_id": tracker.run_id, "model_uri": model_uri, "experiment": ctx.params.tracking.experiment,
+               "run_url": tracker.url, "parent_run_id": ctx.study_run_id, "dataset": ctx.dataset.to_dict(),
+               "git": {"commit": ctx.git.commit, "branch": ctx.git.branch, "dirty": ctx.git.dirty},
+               "resume": "", "stopped_early": result.state.stop_reason, "final": result.final_metrics}
+    atomic_write_json(cfg.run_file, summary)
+    trial.set_user_attr(SUMMARY_ATTR, summary)
+    tracker.set_tags({STATE_TAG: "COMPLETE", "optuna_value": value})
+    return value
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """A study after one invocation: its best trial (of all invocations) and the trial counts."""
+
+    study_name: str
+    best_number: int
+    best_value: float
+    best_params: dict[str, Any]
+    best_run_id: str
+    best_summary: dict[str, Any]
+    new_trials: list[int]
+    states: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study": self.study_name, "best_trial": self.best_number, "best_value": self.best_value,
+                "best_params": self.best_params, "best_run_id": self.best_run_id, "new_trials": self.new_trials,
+                "trial_states": self.states}
+
+
+def run_study(study: Any, ctx: StudyContext, study_run: Any) -> StudyOutcome:
+    """Runs ``tune.n_trials`` more trials (or until ``tune.timeout_s``), then records the best trial,
+    the trial counts and Optuna's plots on ``study_run``."""
+    import optuna
+
+    tune = ctx.params.tune
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    study.optimize(lambda trial: run_trial(trial, ctx), n_trials=tune.n_trials, timeout=tune.timeout_s)
+    trials = study.get_trials(deepcopy=False)
+    states = dict(Counter(t.state.name for t in trials))
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise PipelineError(f"tune: no trial of study {tune.study_name} completed "
+                            f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(states.items()))}); nothing to evaluate")
+    best = study.best_trial
+    if SUMMARY_ATTR not in best.user_attrs:
+        raise PipelineError(f"tune: best trial {best.number} of study {tune.study_name} has no trained model "
+                            f"recorded (user attr {SUMMARY_ATTR}); use another tune.study_name")
+    outcome = StudyOutcome(tune.study_name, best.number, float(best.value), decode_params(tune.search_space, best.params),
+                           best.user_attrs[RUN_ID_ATTR], dict(best.user_attrs[SUMMARY_ATTR]),
+                           sorted(t.number for t in trials if t.number not in before), states)
+    record_outcome(study, outcome, study_run, tune)
+    return outcome
+
+
+def record_outcome(study: Any, outcome: StudyOutcome, study_run: Any, tune: TuneConfig) -> None:
+    """Best trial as tags and ``best.*`` params, trial counts as metrics, plots and the trial table
+    as artifacts under ``optuna/``."""
+    study_run.set_tags({"best_trial_number": outcome.best_number, "best_trial_run_id": outcome.best_run_id,
+                        "best_value": f"{outcome.best_value:.6g}", "new_trials": ",".join(map(str, outcome.new_trials))})
+    study_run.log_params({f"best.{k}": v for k, v in outcome.best_params.items()})
+    study_run.log_metrics({f"trials_{state.lower()}": float(n) for state, n in outcome.states.items()}, step=0)
+    study_run.log_metrics({f"best_{tune.metric}": outcome.best_value}, step=0)
+    workdir = Path(tempfile.mkdtemp(prefix="mlops-tune-"))
+    try:
+        for path in write_study_report(study, workdir, seed=tune.seed):
+            study_run.log_artifact(path, "optuna")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_study_report(study: Any, directory: Path, seed: int) -> list[Path]:
+    """Optuna's plots as PNG (optimization history, learning curves, and parameter importances once
+    two trials have completed), the importances as JSON and every trial as CSV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as plots
+
+    written = []
+    frame = study.trials_dataframe()
+    csv = directory / "trials.csv"
+    frame.to_csv(csv, index=False)
+    written.append(csv)
+    figures: list[tuple[str, Callable[[], Any]]] = [
+        ("optimization_history", lambda: plots.plot_optimization_history(study)),
+        ("intermediate_values", lambda: plots.plot_intermediate_values(study)),
+    ]
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) >= 2:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+        try:
+            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        except (ValueError, RuntimeError) as exc:  # e.g. every completed trial drew the same values
+            logger.warning("tune: no parameter importances (%s)", exc)
+        else:
+            path = directory / "param_importances.json"
+            atomic_write_json(path, importances)
+            written.append(path)
+            figures.append(("param_importances",
+                            lambda: plots.plot_param_importances(study, evaluator=evaluator)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, plot in figures:
+            ax = plot()
+            path = directory / f"{name}.png"
+            ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(ax.figure)
+            written.append(path)
+    return written
+
+
+# -- the best trial becomes the trained model -----------------------------------------------------------
+
+def adopt_best_trial(outcome: StudyOutcome, train_cfg: TrainConfig, tune: TuneConfig, client: Any) -> dict[str, Any]:
+    """Copies the best trial's weights to ``train.model_dir`` and its per-epoch metrics to
+    ``train.metrics_file``, and writes its summary to ``train.run_file``; returns the summary.
+
+    The files come from the trial's directory when it holds that trial's run (its ``run.json`` names
+    the run); otherwise, as for a trial that ran on another machine against a shared study, from the
+    trial run's artifacts through ``client``.
+    """
+    local = trial_dir(tune, outcome.best_number)
+    run_id = outcome.best_run_id
+    run_file = local / "run.json"
+    is_local = run_file.is_file() and json.loads(run_file.read_text()).get("run_id") == run_id
+
+    def fill_model_dir(tmp: Path) -> None:
+        if is_local:
+            shutil.copytree(local / "model", tmp, dirs_exist_ok=True)
+            return
+        with tempfile.TemporaryDirectory() as download:
+            shutil.copytree(client.download_artifacts(run_id, WEIGHTS_ARTIFACTS, download), tmp, dirs_exist_ok=True)
+
+    replace_dir(train_cfg.model_dir, fill_model_dir)
+    if is_local:
+        history = json.loads((local / "metrics.json").read_text())
+    else:
+        with tempfile.TemporaryDirectory() as download:
+            fetched = client.download_artifacts(run_id, f"{METRICS_ARTIFACTS}/metrics.json", download)
+            history = json.loads(Path(fetched).read_text())
+    atomic_write_json(train_cfg.metrics_file, history)
+    atomic_write_json(train_cfg.run_file, outcome.best_summary)
+    return outcome.best_summary

@@ -1,0 +1,174 @@
+"""The promotion flow under a Prefect test harness, on the embedded SQLite store."""
+
+import threading
+
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.promotion import PROMOTED, REJECTED_OUTCOME, TIMED_OUT, promotion, start_promotion, wait_for_decision
+from ml.errors import ConfigError, RegistryError
+from registry import actions, store
+from registry.store import VersionRecord
+from tests.conftest import run_module, small_params, write_params
+
+MODEL = "digits-classifier"
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    # The ephemeral API takes ~10 s to come up on 2 cores; give it room.
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def params(project, **promotion):
+    return small_params(tracking={"uri": f"sqlite:///{project}/mlflow.db"},
+                        promotion={"poll_interval_s": 0.1, "timeout_s": 30.0, **promotion})
+
+
+@pytest.fixture
+def registry(project):
+    """v1 approved and champion; v2 pending, from a run alice authored; short polls and timeout."""
+    # An absolute URI: MLflow caches one SQLAlchemy engine per URI string, across tests in one process.
+    uri = f"sqlite:///{project}/mlflow.db"
+    write_params(project, params(project))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("promotion", artifact_location=(project / "artifacts").as_uri())
+    for _ in range(2):
+        run = client.create_run(experiment, tags={"mlflow.user": "alice"})
+        store.register_version(client, MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id, {})
+    actions.approve_version(uri, MODEL, "1", "baseline", approver="bob")
+    actions.promote_version(uri, MODEL, "1")
+    return uri, client
+
+
+def run_flow(version="2"):
+    state = promotion(MODEL, version, "params.yaml", return_state=True)
+    return state, (state.result() if state.is_completed() else None)
+
+
+@pytest.mark.slow
+def test_approval_given_while_waiting_promotes(prefect_harness, registry):
+    uri, client = registry
+
+    # The approval arrives while the flow polls (or before its first read: the outcome is the same).
+    approver = threading.Timer(1.0, actions.approve_version, args=(uri, MODEL, "2", "better on the holdout"),
+                               kwargs={"approver": "bob"})
+    approver.start()
+    state, result = run_flow()
+    approver.join()
+    assert state.is_completed() and state.name == PROMOTED, state
+    assert result["outcome"] == PROMOTED and result["previous"] == "1"
+    assert state.message.startswith(f"{MODEL} v2 approved by bob: better on the holdout; now champion (was v1)")
+    assert store.champion(client, MODEL).version == "2"
+    last = store.alias_history(client, MODEL)[-1]
+    assert (last["version"], last["previous"], last["via"]) == ("2", "1", "promotion flow")
+    assert last["flow_run_id"] == str(state.state_details.flow_run_id)
+
+
+@pytest.mark.slow
+def test_rejection_ends_without_touching_the_champion(prefect_harness, registry):
+    uri, client = registry
+    actions.reject_version(uri, MODEL, "2", "worse on slice 7", approver="bob")
+    state, result = run_flow()
+    assert state.is_completed() and state.name == REJECTED_OUTCOME
+    assert result == {"model_name": MODEL, "version": "2", "alias": "champion", "previous": None,
+                      "outcome": REJECTED_OUTCOME, "status": "Rejected"}
+    assert "rejected by bob: worse on slice 7; champion untouched" in state.message
+    assert store.champion(client, MODEL).version == "1"
+    assert len(store.alias_history(client, MODEL)) == 1
+
+
+@pytest.mark.slow
+def test_no_decision_times_out(prefect_harness, registry, project):
+    uri, client = registry
+    write_params(project, params(project, timeout_s=0.5))
+    state, result = run_flow()
+    assert state.is_completed() and state.name == TIMED_OUT
+    assert result["outcome"] == TIMED_OUT and result["status"] == "PendingManualApproval"
+    assert store.get_version(client, MODEL, "2").history == ()
+    assert store.champion(client, MODEL).version == "1"
+
+
+@pytest.mark.slow
+def test_a_hand_edited_tag_is_honored_and_recorded(prefect_harness, registry):
+    uri, client = registry
+    client.set_model_version_tag(MODEL, "2", "approval_status", "Approved")  # what the MLflow UI does
+    state, result = run_flow()
+    assert state.name == PROMOTED and result["previous"] == "1"
+    (event,) = store.get_version(client, MODEL, "2").history
+    assert (event["from_status"], event["to_status"], event["via"]) == ("PendingManualApproval", "Approved",
+                                                                        "mlflow-ui")
+    assert store.champion(client, MODEL).version == "2"
+
+
+@pytest.mark.slow
+def test_an_illegal_hand_edit_fails_the_run_and_changes_nothing(prefect_harness, registry):
+    uri, client = registry
+    actions.reject_version(uri, MODEL, "2", "no", approver="bob")
+    client.set_model_version_tag(MODEL, "2", "approval_status", "Approved")
+    state, _ = run_flow()
+    assert state.is_failed()
+    with pytest.raises(RegistryError, match="was set by hand after Rejected"):
+        state.result()
+    assert store.champion(client, MODEL).version == "1"
+    assert len(store.get_version(client, MODEL, "2").history) == 1
+
+
+@pytest.mark.slow
+def test_unknown_version_fails(prefect_harness, registry):
+    state, _ = run_flow("9")
+    assert state.is_failed()
+    with pytest.raises(RegistryError, match="version 9: not found"):
+        state.result()
+
+
+@pytest.mark.slow
+def test_start_promotion_creates_a_run_of_the_deployment(prefect_harness, registry, project):
+    from prefect import get_client
+
+    assert start_promotion(MODEL, "2") is None  # promotion.after_training is false
+    write_params(project, params(project, after_training=True))
+    with pytest.raises(ConfigError, match="deployment 'promotion/missing' not found"):
+        start_promotion(MODEL, "2", deployment="promotion/missing")
+    promotion.to_deployment(name="local").apply()
+    flow_run_id = start_promotion(MODEL, "2")
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+    assert flow_run.parameters == {"model_name": MODEL, "version": "2", "params_path": "params.yaml"}
+    assert flow_run.state.is_scheduled()
+
+
+def record(status, history=()):
+    return VersionRecord(MODEL, "2", status, None, "", (), {}, tuple(history))
+
+
+def test_wait_for_decision_reads_until_decided_or_timed_out():
+    statuses = iter(["PendingManualApproval", "PendingManualApproval", "Approved"])
+    now = [0.0]
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    decided = wait_for_decision(lambda: record(next(statuses)), 10, 3, sleep=sleep, clock=lambda: now[0])
+    assert decided.status == "Approved" and sleeps == [3, 3]
+    now[0] = 0.0
+    sleeps.clear()
+    assert wait_for_decision(lambda: record("PendingManualApproval"), 7, 3, sleep=sleep, clock=lambda: now[0]) is None
+    assert sleeps == [3, 3, 1]
+
+
+@pytest.mark.slow
+def test_command_line_entry(registry, project):
+    uri, _ = registry
+    env = {"PREFECT_HOME": str(project / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = run_module("flows.promotion", "--model", MODEL, "--version", "9", cwd=project, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: model '{MODEL}' version 9: not found in the registry"]
+    actions.reject_version(uri, MODEL, "2", "worse", approver="bob")
+    done = run_module("flows.promotion", "--model", MODEL, "--version", "2", cwd=project, env=env)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"{MODEL} v2 was rejected by bob: worse; champion untouched"
