@@ -69,14 +69,25 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "postgresql:", "mysql:")) or "://" not in uri
 
 
+def resolve_uri(uri: str) -> str:
+    """A relative SQLite URI made absolute against the current directory. MLflow keeps one database
+    engine per URI string, so a relative one would keep pointing at the first directory it was
+    used in after the process changes directory."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 def configure_mlflow(cfg: TrackingConfig) -> Any:
     """Points MLflow at ``cfg.uri`` (registry included) and returns a client. Called at run time only."""
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(cfg.uri)
-    mlflow.set_registry_uri(cfg.uri)
-    return MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
+    uri = resolve_uri(cfg.uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def ensure_experiment(client: Any, cfg: TrackingConfig) -> str:

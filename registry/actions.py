@@ -28,7 +28,10 @@ from registry.store import VersionRecord
 def registry_client(tracking_uri: str) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    from ml.tracking import resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def local_user() -> str:

@@ -41,6 +41,16 @@ def write_params(directory: Path, params: dict) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for every flow test of the session (starting one takes ~10 s on
+    2 cores, and two at once contend for the same SQLite database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """An empty working directory with a small params.yaml; the test runs inside it."""

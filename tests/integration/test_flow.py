@@ -2,18 +2,10 @@
 
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.training import training_pipeline
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    # The ephemeral API takes ~10 s to come up on 2 cores; give it room.
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_flow_runs_every_stage_and_returns_the_registered_version(prefect_harness, project):
@@ -24,7 +16,23 @@ def test_flow_runs_every_stage_and_returns_the_registered_version(prefect_harnes
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
     version = client.get_model_version("digits-classifier", "1")
     run = client.get_run(version.run_id)
-    assert run.data.tags["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
+    flow_run_id = str(state.state_details.flow_run_id)
+    assert run.data.tags["prefect_flow_run_id"] == flow_run_id
+    # Experiment -> pipeline run -> one nested run per stage; the flow run links to the pipeline run.
+    pipeline = client.get_run(registered["pipeline_run_id"])
+    assert pipeline.data.tags["mlops.run_kind"] == "pipeline" and pipeline.info.status == "FINISHED"
+    assert pipeline.data.tags["prefect_flow_run_id"] == flow_run_id
+    assert pipeline.data.tags["registered_version"] == "1" and pipeline.data.params["train.lr"] == "0.003"
+    children = client.search_runs([pipeline.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{pipeline.info.run_id}'")
+    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "prepare", "register", "train", "validate"]
+    assert run.data.tags["mlflow.parentRunId"] == pipeline.info.run_id
+    assert all(client.list_artifacts(r.info.run_id, "console") for r in children)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        links = [a for a in prefect.read_artifacts() if a.key == "mlflow-pipeline-run"]
+    assert any(pipeline.info.run_id in a.data and str(a.flow_run_id) == flow_run_id for a in links)
     for out in ("data/processed/train.parquet", "models/model/model.safetensors", "reports/metrics.json",
                 "reports/registered.json"):
         assert (project / out).is_file(), out
@@ -38,4 +46,9 @@ def test_flow_fails_at_the_gate_and_registers_nothing(prefect_harness, project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     state = training_pipeline(params_path="params.yaml", version_data=False, return_state=True)
     assert state.is_failed()
-    assert not (project / "models").exists() and not (project / "mlflow.db").exists()
+    assert not (project / "models").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mlops-pipeline").experiment_id])
+    assert {(r.data.tags.get("stage", "pipeline"), r.info.status) for r in runs} == {
+        ("pipeline", "FAILED"), ("prepare", "FINISHED"), ("validate", "FAILED")}
+    assert client.search_registered_models() == []

@@ -4,7 +4,6 @@ import threading
 
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.promotion import PROMOTED, REJECTED_OUTCOME, TIMED_OUT, promotion, start_promotion, wait_for_decision
 from ml.errors import ConfigError, RegistryError
@@ -13,13 +12,6 @@ from registry.store import VersionRecord
 from tests.conftest import run_module, small_params, write_params
 
 MODEL = "digits-classifier"
-
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    # The ephemeral API takes ~10 s to come up on 2 cores; give it room.
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def params(project, **promotion):

@@ -9,7 +9,6 @@ import optuna
 import pytest
 import yaml
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.tuning import tuning_pipeline
 from tests.conftest import small_params, write_params
@@ -31,11 +30,10 @@ def tiny_study() -> dict:
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
+def tuned(tmp_path_factory, prefect_harness):
     project = tmp_path_factory.mktemp("project")
     write_params(project, tiny_study())
-    # The ephemeral API takes ~10 s to come up on 2 cores; give it room.
-    with pytest.MonkeyPatch.context() as patch, prefect_test_harness(server_startup_timeout=120):
+    with pytest.MonkeyPatch.context() as patch:
         patch.chdir(project)
         state = tuning_pipeline(params_path="params.yaml", return_state=True)
         yield project, state
