@@ -78,6 +78,8 @@ def start_mlflow(backend_uri: str, artifacts: str | Path, port: int, log: Path |
     args = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
             "--default-artifact-root", Path(artifacts).resolve().as_uri(), "--host", "127.0.0.1",
             "--port", str(port), "--workers", "1", *(extra or [])]
+    # The GenAI job runner (seven huey worker processes) serves no stage of this pipeline.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     return _start_server(args, f"http://127.0.0.1:{port}/health", 120, env, log)
 
 
@@ -117,3 +119,15 @@ def start_worker(project_dir: str | Path, env: dict[str, str], pool: str = "loca
     return _spawn([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
                   env={**env, "PATH": path, "MLOPS_PROJECT_DIR": str(Path(project_dir).resolve())},
                   log=log, cwd=project_dir)
+
+
+def start_server(args: list[str], health_url: str, timeout: float, env: dict[str, str] | None = None,
+                 log: Path | None = None, cwd: str | Path | None = None) -> subprocess.Popen:
+    """Any server command in its own session (see :func:`stop`); returns once ``health_url`` answers 200."""
+    proc = _spawn(args, env=env, log=log, cwd=cwd)
+    try:
+        wait_http(health_url, timeout=timeout, proc=proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc

@@ -20,7 +20,7 @@ from ml.errors import ConfigError, cli_errors
 
 
 # Command groups that live beside the code they drive; each module has add_parser(subparsers).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("mlops.cli_serve", "mlops.cli_lineage", "mlops.cli_checkpoints")
 
 
 def tracking_uri(args: argparse.Namespace) -> str:
@@ -46,6 +46,17 @@ def client_for(args: argparse.Namespace) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def champion_comparison(tags: dict[str, str]) -> str:
+    """The champion/challenger verdict register recorded on a version, in a few words."""
+    verdict = tags.get("champion_gate")
+    if not verdict:
+        return ""
+    if "champion_delta" in tags:
+        return (f"vs champion v{tags.get('champion_version', '?')} "
+                f"{float(tags['champion_test_accuracy']):.4f}: {float(tags['champion_delta']):+.4f} ({verdict})")
+    return f"champion gate: {verdict}"
+
+
 def print_record(record: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(record.to_dict(), indent=2))
@@ -55,43 +66,55 @@ def print_record(record: Any, as_json: bool) -> None:
     for key in ("test_accuracy", "dataset_md5", "dataset_source", "git_commit", "source_run_id"):
         if key in record.tags:
             print(f"  {key}: {record.tags[key]}")
+    if record.tags.get("champion_gate"):
+        print(f"  {champion_comparison(record.tags)}")
     for event in record.history:
         flag = " (self-approval)" if event.get("self_approval") else ""
-        print(f"  {event['at']}  {event['from_status']} -> {event['to_status']} by {event['by']}{flag}: {event['reason']}")
+        via = f" via {event['via']}" if event.get("via", "cli") != "cli" else ""
+        print(f"  {event['at']}  {event['from_status']} -> {event['to_status']} by {event['by']}{flag}{via}: "
+              f"{event['reason']}")
+
+
+def list_line(record: Any) -> str:
+    aliases = f" [{', '.join(record.aliases)}]" if record.aliases else ""
+    comparison = champion_comparison(record.tags)
+    return (f"{record.name} v{record.version}{aliases}: {record.status}  "
+            f"accuracy={record.tags.get('test_accuracy', '?')}{'  ' + comparison if comparison else ''}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from registry import store
-    from registry.approval import APPROVED, REJECTED
+    """The registry commands; changes go through registry.actions, which authorizes them first."""
+    from registry import actions, store
+    from registry.auth import denied_as_error
 
-    client = client_for(args)
-    if args.action == "list":
-        names = [args.name] if args.name else [m.name for m in client.search_registered_models()]
-        for name in names:
-            for record in store.list_versions(client, name):
-                print_record(record, args.json) if args.json else print(
-                    f"{record.name} v{record.version}"
-                    f"{' [' + ', '.join(record.aliases) + ']' if record.aliases else ''}: {record.status}"
-                    f"  accuracy={record.tags.get('test_accuracy', '?')}")
-        return
-    if args.action == "rollback":
-        print_record(store.rollback(client, args.name, current_user()), args.json)
-        return
-    if args.action in ("show", "history"):
-        record = store.get_version(client, args.name, args.version)
+    uri = tracking_uri(args)
+    what = f"models {args.action}" + (f" {args.name}" if args.name else "")
+    if args.action == "approve":
+        print_record(actions.approve_version(uri, args.name, args.version, args.reason, args.approver,
+                                             args.allow_self_approval), args.json)
+    elif args.action == "reject":
+        print_record(actions.reject_version(uri, args.name, args.version, args.reason, args.approver), args.json)
+    elif args.action == "promote":
+        print_record(actions.promote_version(uri, args.name, args.version, args.alias), args.json)
+    elif args.action == "rollback":
+        print_record(actions.rollback_alias(uri, args.name, args.alias), args.json)
+    else:
+        client = client_for(args)
+        with denied_as_error(what):
+            if args.action == "list":
+                names = [args.name] if args.name else [m.name for m in client.search_registered_models()]
+                records = [r for name in names for r in store.list_versions(client, name)]
+                if args.json:
+                    print(json.dumps([r.to_dict() for r in records], indent=2))
+                    return
+                for record in records:
+                    print(list_line(record))
+                return
+            record = store.get_version(client, args.name, args.version)
         if args.action == "history":
             print(json.dumps(list(record.history), indent=2))
         else:
             print_record(record, args.json)
-        return
-    if args.action in ("approve", "reject"):
-        target = APPROVED if args.action == "approve" else REJECTED
-        record = store.decide(client, args.name, args.version, target, args.approver or current_user(),
-                              args.reason, allow_self_approval=args.allow_self_approval)
-        print_record(record, args.json)
-        return
-    if args.action == "promote":
-        print_record(store.promote(client, args.name, args.version, current_user()), args.json)
 
 
 def cmd_up(args: argparse.Namespace) -> None:
@@ -157,9 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("version")
         if action in ("approve", "reject"):
             p.add_argument("--reason", required=True, help="why; kept in the history")
-            p.add_argument("--approver", help="default: the authenticated MLflow user, else the OS user")
+            p.add_argument("--approver", help="against a local store (default: the OS user); an authenticating "
+                                              "server records the authenticated user and refuses another name")
+        if action == "approve":
             p.add_argument("--allow-self-approval", action="store_true",
                            help="let the run's author approve (recorded in the history)")
+        if action in ("promote", "rollback"):
+            p.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_models)
     for module in COMMAND_MODULES:

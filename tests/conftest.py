@@ -18,6 +18,8 @@ PYTHON = sys.executable
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# mlflow server's GenAI job runner (seven huey consumers per server) has no use here.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 def base_params() -> dict:

@@ -1,0 +1,546 @@
+"""The serving endpoint: ``models:/<name>@<alias>`` over HTTP, following the alias as it moves.
+
+``POST /predict`` takes ``{"inputs": [[...], ...]}`` (or MLflow's ``instances``, ``dataframe_split``,
+``dataframe_records``), checks it against the model's signature without pandas and answers class
+indices and probabilities. ``GET /health`` is ready once a model is loaded; ``GET /info`` tells which
+version is served, from which run and dataset, since when. A background task polls the alias; when
+a promotion or rollback moves it, the new version is loaded whole and then swapped in with one
+reference assignment, so a request in flight finishes on the model it started with.
+Every start, switch and stop is a deployment record (:mod:`deploy.records`) and a tag
+``deployment.<endpoint>`` on the version being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, replace
+from itertools import chain
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from deploy.records import DeploymentRecord, append_record, check_endpoint_name, utc_now
+from ml.config import ServeConfig
+from ml.errors import ConfigError, RegistryError
+
+try:
+    import orjson
+
+    def dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    loads = orjson.loads
+except ImportError:  # orjson is optional: the standard library is slower but equivalent
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, default=lambda a: a.tolist()).encode()
+
+    loads = json.loads
+
+log = logging.getLogger("deploy.serve")
+INPUT_KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")
+_NUMBER_TYPES = {int, float}
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # what MLflow says of a missing model/alias
+
+
+class InvalidInput(ValueError):
+    """A request body the model's signature does not accept (answered with 422)."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the signature accepts: ``width`` numbers per row, named by ``columns`` when column-based."""
+
+    width: int
+    dtype: str
+    columns: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_signature(cls, signature: Any, model: str) -> InputSpec:
+        schema = signature.inputs if signature is not None else None
+        if schema is None:
+            raise RegistryError(f"{model}: no input signature; expected a model logged with a signature")
+        if schema.is_tensor_spec():
+            spec = schema.inputs[0]
+            if len(schema.inputs) != 1 or len(spec.shape) != 2 or spec.shape[1] < 1 or spec.type.kind != "f":
+                raise RegistryError(f"{model}: input {schema}; expected one floating-point tensor of shape [-1, n]")
+            return cls(int(spec.shape[1]), str(spec.type))
+        kinds = {c.type.to_numpy().kind for c in schema.inputs}
+        if not schema.has_input_names() or not kinds <= set("fiu"):
+            raise RegistryError(f"{model}: input columns {schema}; expected named numeric columns")
+        return cls(len(schema.inputs), "float32", tuple(schema.input_names()))
+
+    def describe(self) -> str:
+        if self.columns:
+            return f"rows of {self.width} numbers in column order {self.columns[0]}..{self.columns[-1]}"
+        return f"rows of {self.width} numbers (a {self.dtype} tensor of shape [-1, {self.width}])"
+
+
+def parse_inputs(body: bytes, spec: InputSpec) -> np.ndarray:
+    """The request body as a matrix of ``spec.dtype``, shape (rows, spec.width); raises :class:`InvalidInput`."""
+    try:
+        payload = loads(body)
+    except ValueError as exc:
+        raise InvalidInput(f"body is not valid JSON ({str(exc).splitlines()[0]}); "
+                           f'expected {{"inputs": [...]}} with {spec.describe()}') from None
+    keys = [k for k in INPUT_KEYS if k in payload] if isinstance(payload, dict) else []
+    if len(keys) != 1:
+        got = ", ".join(map(repr, payload)) if isinstance(payload, dict) else f"a JSON {type(payload).__name__}"
+        raise InvalidInput(f"expected a JSON object with exactly one of the keys {', '.join(INPUT_KEYS)}; "
+                           f"got {got or 'an empty object'}")
+    key = keys[0]
+    value = payload[key]
+    if key == "dataframe_split":
+        if not isinstance(value, dict) or "data" not in value:
+            raise InvalidInput('dataframe_split: expected an object with "data" (rows) and optional "columns"')
+        return _to_matrix(_reorder(value["data"], value.get("columns"), spec, key), spec, key)
+    if key == "dataframe_records":
+        if not spec.columns:
+            raise InvalidInput("dataframe_records: this model takes a tensor without column names; "
+                               f'expected {{"inputs": [...]}} with {spec.describe()}')
+        if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+            raise InvalidInput("dataframe_records: expected a list of objects mapping column to value")
+        missing = next((c for r in value for c in spec.columns if c not in r), None)
+        if missing is not None:
+            raise InvalidInput(f"dataframe_records: column {missing!r} missing; expected {spec.describe()}")
+        return _to_matrix([[r[c] for c in spec.columns] for r in value], spec, key)
+    if isinstance(value, dict) and spec.columns:  # {"inputs": {"column": [values...]}}
+        missing = next((c for c in spec.columns if c not in value), None)
+        if missing is not None:
+            raise InvalidInput(f"{key}: column {missing!r} missing; expected {spec.describe()}")
+        columns = [value[c] for c in spec.columns]
+        if not all(isinstance(c, list) for c in columns):
+            raise InvalidInput(f"{key}: expected each column to be a list of numbers")
+        return _to_matrix([list(r) for r in zip(*columns, strict=False)], spec, key)
+    return _to_matrix(value, spec, key)
+
+
+def _reorder(rows: Any, columns: Any, spec: InputSpec, key: str) -> Any:
+    if columns is None:
+        return rows
+    if not isinstance(columns, list) or not isinstance(rows, list):
+        raise InvalidInput(f"{key}: expected \"columns\" and \"data\" to be lists")
+    if not spec.columns:
+        if len(columns) != spec.width:
+            raise InvalidInput(f"{key}: expected {spec.width} columns, got {len(columns)}")
+        return rows
+    index = {c: i for i, c in enumerate(columns)}
+    missing = next((c for c in spec.columns if c not in index), None)
+    if missing is not None:
+        raise InvalidInput(f"{key}: column {missing!r} missing; expected {spec.describe()}")
+    if list(spec.columns) == columns:
+        return rows
+    order = [index[c] for c in spec.columns]
+    if not all(isinstance(r, list) and len(r) == len(columns) for r in rows):
+        raise InvalidInput(f"{key}: expected each row to have {len(columns)} values, one per column")
+    return [[r[i] for i in order] for r in rows]
+
+
+def _to_matrix(rows: Any, spec: InputSpec, key: str) -> np.ndarray:
+    if not isinstance(rows, list) or not rows:
+        raise InvalidInput(f"{key}: expected a non-empty list of {spec.describe()}")
+    if not all(type(r) is list for r in rows):
+        raise InvalidInput(f"{key}: expected a list of rows (a 2-D array), each a list of {spec.width} numbers")
+    bad = next((n for n in map(len, rows) if n != spec.width), None)
+    if bad is not None:
+        raise InvalidInput(f"{key}: expected {spec.describe()}, got a row of {bad}")
+    types = set(map(type, chain.from_iterable(rows)))
+    if not types <= _NUMBER_TYPES:
+        odd = sorted(t.__name__ if t is not type(None) else "null" for t in types - _NUMBER_TYPES)
+        raise InvalidInput(f"{key}: expected numbers, got {', '.join(odd)}")
+    try:
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            matrix = np.array(rows, dtype=spec.dtype)
+    except OverflowError:
+        matrix = np.full((1, 1), np.inf, dtype=np.float32)
+    if not np.isfinite(matrix).all():
+        raise InvalidInput(f"{key}: expected finite numbers within {spec.dtype} range")
+    return matrix
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded model version and where it came from."""
+
+    name: str
+    version: str
+    run_id: str | None
+    status: str
+    dataset_md5: str | None
+    dataset_source: str | None
+    module: Any
+    spec: InputSpec
+    since: str = ""
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices and class probabilities for a float32 matrix."""
+        import torch
+
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.module(torch.from_numpy(x)), dim=1)
+            return probabilities.argmax(dim=1).numpy(), probabilities.numpy()
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` fit for records, tags and /info: no credentials, a SQLite file by its absolute path."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
+
+
+def load_version(client: Any, tracking_uri: str, name: str, version: str) -> ServedModel:
+    """Downloads and loads one model version completely, checked against its signature."""
+    import mlflow.artifacts
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import Model
+
+    from registry.store import get_version
+
+    record = get_version(client, name, version)
+    with tempfile.TemporaryDirectory(prefix="mlops-serve-") as tmp:
+        # the version's own artifact location: a models:/ URI would be resolved against the
+        # process-wide registry URI, not this server's
+        source = client.get_model_version_download_uri(name, record.version)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
+        spec = InputSpec.from_signature(Model.load(local).signature, f"{name} v{version}")
+        module = mlflow.pytorch.load_model(local)
+    with suppress(NotImplementedError):  # an exported (pt2) graph is already in inference form
+        module.eval()
+    module = eager_equivalent(module, spec.width)
+    with torch.inference_mode():  # the first call pays for lazy initialization, not a request
+        out = module(torch.zeros(2, spec.width))
+    if out.ndim != 2:
+        raise RegistryError(f"{name} v{version}: model output has shape {list(out.shape)}; expected [rows, classes]")
+    return ServedModel(name, record.version, record.run_id, record.status, record.tags.get("dataset_md5"),
+                       record.tags.get("dataset_source"), module, spec)
+
+
+def eager_equivalent(module: Any, width: int) -> Any:
+    """The project's :class:`ml.model.MLP` rebuilt from ``module``'s weights when they fit it and it
+    gives the same outputs; otherwise ``module`` itself. Calling an exported (pt2) graph costs about
+    three times the eager network on a single row (input flattening and guards on every call)."""
+    import torch
+
+    from ml.model import MLP, ModelSpec
+
+    state = module.state_dict()
+    layers = sorted((k for k in state if k.startswith("net.") and k.endswith(".weight")),
+                    key=lambda k: int(k.split(".")[1]))
+    if not layers or any(state[k].ndim != 2 for k in layers):
+        return module
+    spec = ModelSpec(int(state[layers[0]].shape[1]), tuple(int(state[k].shape[0]) for k in layers[:-1]),
+                     int(state[layers[-1]].shape[0]), 0.0)
+    try:
+        eager = MLP(spec)
+        eager.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError):
+        return module
+    eager.eval()
+    probe = torch.rand(32, width, generator=torch.Generator().manual_seed(0)) * 16
+    with torch.inference_mode():
+        expected = module(probe)
+        same = expected.shape == (32, spec.num_classes) and torch.allclose(eager(probe), expected, rtol=1e-4, atol=1e-4)
+    return eager if same else module
+
+
+class ModelServer:
+    """The served model, the alias it follows, and the records of what was served when."""
+
+    def __init__(self, cfg: ServeConfig, tracking_uri: str, model_name: str, url: str) -> None:
+        self.cfg = cfg
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self.url = url
+        self.served: ServedModel | None = None
+        self.alias_target: str | None = None
+        self.last_poll: str | None = None
+        self._unloadable: tuple[str, float] | None = None  # (version, monotonic time to retry loading it)
+        self._client: Any = None
+        # Registry and loading work runs off the event loop, always on this one thread, so the
+        # store's per-thread connection stays warm and polls stay short.
+        self._registry = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
+        check_endpoint_name(cfg.endpoint)
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._registry, fn, *args)
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    def resolve_alias(self) -> str | None:
+        """The version the alias names now, or None when the alias is not set. An unreachable
+        registry raises (MlflowException)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.model_name, self.cfg.alias).version)
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return None
+            raise
+
+    def load_alias(self) -> ServedModel:
+        """Loads the version behind the alias; refuses clearly when the model or the alias is missing."""
+        from mlflow.exceptions import MlflowException
+
+        where = public_uri(self.tracking_uri)
+        try:
+            self.client.get_registered_model(self.model_name)
+            version = self.resolve_alias()
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                raise RegistryError(f"model {self.model_name!r}: not found in the registry at {where}") from None
+            raise RegistryError(f"registry at {where}: {str(exc).splitlines()[0]}") from None
+        if version is None:
+            raise RegistryError(f"model {self.model_name!r} has no alias {self.cfg.alias!r}; "
+                                "approve and promote a version first (mlops models promote)")
+        self.alias_target = version
+        return load_version(self.client, self.tracking_uri, self.model_name, version)
+
+    def record(self, event: str, served: ServedModel) -> None:
+        append_record(self.cfg.records_dir, DeploymentRecord(
+            endpoint=self.cfg.endpoint, event=event, url=self.url, model_name=served.name,
+            model_version=served.version, model_uri=served.uri, run_id=served.run_id or "",
+            tracking_uri=public_uri(self.tracking_uri), at=utc_now(), host=socket.gethostname(), pid=os.getpid()))
+
+    def tag(self, served: ServedModel, until: str | None = None) -> None:
+        """Tags the version ``deployment.<endpoint>`` with where and since when it is served here
+        (``until`` once it no longer is), so MLflow alone answers which endpoint serves it."""
+        key = f"deployment.{self.cfg.endpoint}"
+        value = {"url": self.url, "alias": self.cfg.alias, "since": served.since, "until": until,
+                 "host": socket.gethostname(), "pid": os.getpid()}
+        try:
+            self.client.set_model_version_tag(served.name, served.version, key, json.dumps(value))
+        except Exception as exc:  # noqa: BLE001 - the tag is a convenience; the record is the contract
+            log.warning("could not tag %s v%s with %s: %s", served.name, served.version, key,
+                        str(exc).splitlines()[0])
+
+    def start(self) -> None:
+        """Loads the alias's version (unless already loaded), then records the start."""
+        if self.served is None:
+            self.served = self.load_alias()
+        self.served = replace(self.served, since=utc_now())
+        self.record("start", self.served)
+        self.tag(self.served)
+
+    def stop(self) -> None:
+        """Records the stop (called on a clean shutdown)."""
+        if self.served is not None:
+            self.record("stop", self.served)
+            self.tag(self.served, until=utc_now())
+
+    def close(self) -> None:
+        self._registry.shutdown(wait=False)
+
+    async def follow_alias(self) -> None:
+        """Polls the alias forever; a moved alias loads the new version, then swaps it in."""
+        while True:
+            await asyncio.sleep(self.cfg.poll_interval_s)
+            try:
+                await self.poll_once()
+            except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop serving
+                log.warning("%s: %s, still serving v%s", self.cfg.endpoint, str(exc).splitlines()[0],
+                            self.served.version if self.served else "-")
+
+    async def poll_once(self) -> None:
+        """One check of the alias: when it names another version, load that one whole, then swap."""
+        try:
+            target = await self.off_loop(self.resolve_alias)
+        except Exception as exc:
+            raise RuntimeError(f"checking {self.model_name}@{self.cfg.alias} failed: {exc}") from exc
+        self.alias_target, self.last_poll = target, utc_now()
+        current = self.served
+        if target is None or current is None or target == current.version:
+            return
+        if self._unloadable and self._unloadable[0] == target and time.monotonic() < self._unloadable[1]:
+            return
+        try:
+            loaded = await self.off_loop(load_version, self.client, self.tracking_uri, self.model_name, target)
+        except Exception as exc:
+            # retried after a while, not on every poll: a broken version is not downloaded in a loop
+            self._unloadable = (target, time.monotonic() + max(60.0, 10 * self.cfg.poll_interval_s))
+            raise RuntimeError(f"loading {self.model_name} v{target} failed: {exc}") from exc
+        self.served = replace(loaded, since=utc_now())  # one reference assignment: the swap
+        log.info("%s: %s@%s moved, serving v%s (was v%s)", self.cfg.endpoint, self.model_name, self.cfg.alias,
+                 target, current.version)
+        await self.off_loop(self._after_switch, current, self.served)
+
+    def _after_switch(self, old: ServedModel, new: ServedModel) -> None:
+        self.record("switch", new)
+        self.tag(old, until=new.since)
+        self.tag(new)
+
+    def info(self) -> dict[str, Any]:
+        served = self.served
+        return {
+            "endpoint": self.cfg.endpoint, "url": self.url, "model_name": self.model_name,
+            "alias": self.cfg.alias, "alias_target": self.alias_target, "last_alias_check": self.last_poll,
+            "poll_interval_s": self.cfg.poll_interval_s, "tracking_uri": public_uri(self.tracking_uri),
+            "model_version": served.version if served else None, "model_uri": served.uri if served else None,
+            "run_id": served.run_id if served else None,
+            "approval_status": served.status if served else None,
+            "dataset_md5": served.dataset_md5 if served else None,
+            "dataset_source": served.dataset_source if served else None,
+            "serving_since": served.since if served else None,
+            "input": ({"width": served.spec.width, "dtype": served.spec.dtype, "columns": served.spec.columns}
+                      if served else None),
+        }
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(server: ModelServer) -> Any:
+    """The FastAPI app over ``server``; its lifespan loads, records and follows the alias."""
+    from fastapi import FastAPI
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    limit = server.cfg.max_body_bytes
+
+    def answer(status: int, payload: dict[str, Any]) -> Response:
+        return Response(dumps(payload), status_code=status, media_type="application/json")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await server.off_loop(server.start)
+        # Everything loaded so far lives as long as the process: frozen, a full garbage collection
+        # no longer walks it (hundreds of thousands of objects; tens of ms of stalled requests).
+        gc.collect()
+        gc.freeze()
+        follower = asyncio.create_task(server.follow_alias())
+        try:
+            yield
+        finally:
+            follower.cancel()
+            with suppress(asyncio.CancelledError):
+                await follower
+            await server.off_loop(server.stop)
+            server.close()
+
+    # Plain Starlette routes: the handlers read the request themselves, so FastAPI's parameter
+    # resolution would only add work to every call.
+    app = FastAPI(title=f"mlops endpoint {server.cfg.endpoint}", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+
+    async def read_body(request: Request) -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def predict(request: Request) -> Response:
+        served = server.served  # this request finishes on this model, whatever the follower swaps in
+        if served is None:
+            return answer(503, {"error": "no model loaded yet"})
+        length = request.headers.get("content-length")
+        too_large = {"error": f"request body exceeds serve.max_body_bytes = {limit} bytes"}
+        if length is not None and length.isdigit() and int(length) > limit:
+            return answer(413, too_large)
+        try:
+            x = parse_inputs(await read_body(request), served.spec)
+        except _BodyTooLarge:
+            return answer(413, too_large)
+        except InvalidInput as exc:
+            return answer(422, {"error": str(exc)})
+        classes, probabilities = served.predict(x)
+        return answer(200, {"predictions": classes, "probabilities": probabilities,
+                            "model_name": served.name, "model_version": served.version})
+
+    async def health(request: Request) -> Response:
+        served = server.served
+        if served is None:
+            return answer(503, {"status": "loading"})
+        return answer(200, {"status": "ready", "model_version": served.version})
+
+    async def info(request: Request) -> Response:
+        return answer(200, server.info())
+
+    app.add_route("/predict", predict, methods=["POST"])
+    app.add_route("/health", health, methods=["GET"])
+    app.add_route("/info", info, methods=["GET"])
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0 takes any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted TCP sockets that say so, and
+    # without it small responses wait for delayed ACKs (~40 ms each)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"serve.host/serve.port {host}:{port}: cannot listen there ({exc.strerror})") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(cfg: ServeConfig, tracking_uri: str, model_name: str) -> None:
+    """Loads the alias's version, binds, prints the URL once it answers, and serves until SIGTERM/Ctrl-C."""
+    import torch
+    import uvicorn
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Requests are single rows or small batches: one intra-op thread is fastest and leaves the
+    # other cores to the event loop and to neighbours; inter-op parallelism has nothing to do.
+    torch.set_num_threads(1)
+    with suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    server = ModelServer(cfg, tracking_uri, model_name, url="")
+    server.served = server.load_alias()
+    sock = bind(cfg.host, cfg.port)
+    # a wildcard address is no place to send requests to: records and /info name the machine
+    host = socket.gethostname() if cfg.host in ("0.0.0.0", "::") else cfg.host
+    server.url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    # "auto" takes uvloop and httptools when installed (uvicorn[standard]), else asyncio and h11
+    config = uvicorn.Config(create_app(server), loop="auto", http="auto", lifespan="on", access_log=False,
+                            log_level="warning", timeout_keep_alive=30, timeout_graceful_shutdown=10)
+    uvicorn_server = uvicorn.Server(config)
+
+    async def run() -> None:
+        serving = asyncio.create_task(uvicorn_server.serve(sockets=[sock]))
+        while not uvicorn_server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if uvicorn_server.started and server.served is not None:
+            print(f"{cfg.endpoint}: serving {model_name} v{server.served.version} (@{cfg.alias}) at {server.url}",
+                  flush=True)
+        await serving
+
+    # Ctrl-C: uvicorn shuts down cleanly (stop record included), then raises it again
+    with suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(run())

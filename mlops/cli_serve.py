@@ -1,0 +1,35 @@
+"""``mlops serve``: the HTTP endpoint over ``models:/<name>@<alias>``, following the alias.
+
+Defaults come from the params file: the ``serve`` section, and ``register.model_name`` for the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve the model behind a registry alias over HTTP, following the alias")
+    p.add_argument("--name", metavar="MODEL", help="registered model (default: register.model_name)")
+    p.add_argument("--alias", help="alias to serve and follow (default: serve.alias)")
+    p.add_argument("--host", help="address to bind (default: serve.host)")
+    p.add_argument("--port", type=int, help="port to bind, 0 for any free port (default: serve.port)")
+    p.add_argument("--endpoint", help="endpoint name in deployment records (default: serve.endpoint)")
+    p.add_argument("--poll-interval", type=float, dest="poll_interval_s", metavar="SECONDS",
+                   help="seconds between checks of the alias (default: serve.poll_interval_s)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from deploy.records import check_endpoint_name
+    from deploy.serve import serve
+    from ml.config import ServeConfig, build_section, load_params
+    from mlops.cli import tracking_uri
+
+    params = load_params(args.params)
+    overrides = {key: getattr(args, key) for key in ("alias", "host", "port", "endpoint", "poll_interval_s")
+                 if getattr(args, key) is not None}
+    cfg = build_section(ServeConfig, "serve", {**asdict(params.serve), **overrides})
+    check_endpoint_name(cfg.endpoint)
+    serve(cfg, tracking_uri(args), args.name or params.register.model_name)
