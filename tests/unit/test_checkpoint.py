@@ -130,9 +130,9 @@ def test_unstorable_leaf_fails_at_the_call_naming_its_path(manager):
 
 def test_snapshot_reuses_host_buffers_between_saves(manager):
     manager.save_training_checkpoint(small_state(1), 1).result()
-    first = {k: v.data_ptr() for k, v in manager._buffers.items()}
+    first = {k: v.tensor.data_ptr() for k, v in manager._buffers.items()}
     manager.save_training_checkpoint(small_state(2), 2).result()
-    assert {k: v.data_ptr() for k, v in manager._buffers.items()} == first
+    assert {k: v.tensor.data_ptr() for k, v in manager._buffers.items()} == first
 
 
 # --- training tier: retention, pointer, async ---------------------------------------------------
@@ -485,7 +485,7 @@ class CrashAt:
             raise Interrupted
 
 
-def run(root=None, crash_step=None, crash_epoch=None, resume=False):
+def run(root=None, crash_step=None, crash_epoch=None, resume=False, compress="none"):
     generator = seed_everything(0)
     data = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 6, generator=data), torch.randint(0, 3, (N,), generator=data)
@@ -496,7 +496,7 @@ def run(root=None, crash_step=None, crash_epoch=None, resume=False):
     recorder = Recorder(scheduler)
     hooks, state, manager, resumed_from = [recorder], None, None, None
     if root is not None:
-        manager = CheckpointManager(root)
+        manager = CheckpointManager(root, compress=compress)
         if resume:
             result = manager.resume_training(model, optimizer, generator=generator, scheduler=scheduler)
             state, resumed_from = result.loop_state, result.name
@@ -554,6 +554,7 @@ def assert_same(a, b, where="state"):
 @pytest.mark.parametrize(("crash", "expected_checkpoint", "steps_before"), [
     ({"crash_epoch": 1}, "epoch-0001-step-00000007", 7),  # at an epoch boundary
     ({"crash_step": 12}, "epoch-0001-step-00000012", 12),  # mid-epoch: batch 5 of 7 of epoch 2
+    ({"crash_step": 12, "compress": "zstd"}, "epoch-0001-step-00000012", 12),  # resumed without compression
 ])
 def test_resumed_run_is_bit_identical_to_the_uninterrupted_one(resume_script, straight_run, tmp_path,
                                                                  crash, expected_checkpoint, steps_before):
