@@ -93,7 +93,7 @@ class MetricBuffer:
         self._flush_interval = flush_interval
         self._max_batch = max_batch
         self._retry_interval = retry_interval
-        self._pending: deque[tuple[str, float, int, int]] = deque()
+        self._pending: deque[tuple[str, Any, int, int]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         # Serialises every send and spool write, so chunks leave in the order they were logged.
@@ -101,18 +101,32 @@ class MetricBuffer:
         self._next_retry = 0.0
         self._sent = self._spooled = self._replayed = self._dropped = 0
         self._closed = False
+        self.log = self._fast_log()  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._run, name="MetricBuffer", daemon=True)
         self._thread.start()
         if register_atexit:
             atexit.register(_close_at_exit, weakref.ref(self))
 
     def log(self, key: str, value: float, step: int, timestamp_ms: int | None = None) -> None:
-        """Queues one point and returns at once; never raises on a store error."""
-        pending = self._pending
-        pending.append((key, float(value), time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms,
-                        step))
-        if len(pending) >= self._max_batch and not self._wake.is_set():
-            self._wake.set()
+        """Queues one point and returns at once; never raises on a store error.
+
+        The training thread only appends ``(key, value, time_ns, step)``; the conversion to a float
+        and to milliseconds happens on the buffer's thread (so a 0-d tensor is read there too).
+        Each instance replaces this method with the closure from :meth:`_fast_log`, which does the
+        same with every name bound locally (the hot path of a training step).
+        """
+        self._fast_log()(key, value, step, timestamp_ms)
+
+    def _fast_log(self) -> Callable[..., None]:
+        append, pending, max_batch, wake, time_ns = (self._pending.append, self._pending, self._max_batch,
+                                                     self._wake, time.time_ns)
+
+        def log(key: str, value: float, step: int, timestamp_ms: int | None = None) -> None:
+            append((key, value, time_ns() if timestamp_ms is None else timestamp_ms * 1_000_000, step))
+            if len(pending) >= max_batch and not wake.is_set():
+                wake.set()
+
+        return log
 
     def flush(self, timeout: float | None = None) -> BufferCounters:
         """Sends (or spools) every point logged before the call, in the calling thread.
@@ -179,7 +193,12 @@ class MetricBuffer:
         while pending:
             chunk = []
             while pending and len(chunk) < max_batch:
-                chunk.append(MetricRecord._make(pending.popleft()))
+                key, value, time_ns, step = pending.popleft()
+                try:
+                    chunk.append(MetricRecord(key, float(value), time_ns // 1_000_000, step))
+                except (TypeError, ValueError, RuntimeError):
+                    self._dropped += 1
+                    _logger.error("metric %r at step %s is not a number (%r); dropped", key, step, value)
             if self._spool.backlog():
                 self._write_spool(chunk)
                 continue
