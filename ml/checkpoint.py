@@ -389,7 +389,7 @@ class CheckpointManager:
                  read_only: bool = False, compress: str = "none", compress_level: int = 3,
                  mirror: Any = None, distributed: bool | None = None,
                  rank_local_keys: tuple[str, ...] = RANK_LOCAL_KEYS, io_workers: int = 2,
-                 checksum: str = "crc32") -> None:
+                 checksum: str = "sha256") -> None:
         if keep_last < 2:
             raise ValueError("keep_last must be >= 2: the previous checkpoint stays while a save is in flight")
         if compress not in COMPRESSIONS:

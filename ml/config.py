@@ -138,6 +138,8 @@ class CheckpointConfig:
     keep_last: int = field(metadata=_check("at_least_2", "training checkpoints kept, >= 2"))
     monitor: tuple[str, ...] = field(metadata=_check("monitor_items", "milestone metrics as metric:min or metric:max"))
     compress: str = field(metadata=_check("choice", "compression of the training tier", choices=("none", "zstd")))
+    checksum: str = field(metadata=_check("choice", "per-file digest of the training tier in the manifest",
+                                          choices=("sha256", "crc32")))
     resume: bool = field(metadata=_check("any", "resume from the newest valid training checkpoint of the same configuration"))
     s3_bucket: str | None = field(metadata=_check("any", "S3 bucket mirrored after each local commit, or null"))
     s3_prefix: str = field(metadata=_check("any", "key prefix inside the bucket"))

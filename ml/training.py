@@ -79,7 +79,7 @@ def open_checkpoints(cfg: CheckpointConfig, on_saved: Callable[[Any], None] | No
     """The checkpoint manager for ``cfg``: its root, retention, compression and S3 mirror."""
     from ml.checkpoint import CheckpointManager
 
-    kwargs: dict[str, Any] = {"keep_last": cfg.keep_last, "on_saved": on_saved}
+    kwargs: dict[str, Any] = {"keep_last": cfg.keep_last, "on_saved": on_saved, "checksum": cfg.checksum}
     if cfg.compress != "none":
         kwargs["compress"] = cfg.compress
     if cfg.s3_bucket:

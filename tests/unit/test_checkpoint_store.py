@@ -103,7 +103,7 @@ def test_every_change_to_a_compressed_file_is_detected_naming_it(tmp_path):
             flipped[pos] ^= 0x10
             path.write_bytes(bytes(flipped))
             for check in (mgr.verify, mgr.load_checkpoint):
-                with pytest.raises(CheckpointCorrupt, match="model.safetensors.zst: CRC-32 differs"):
+                with pytest.raises(CheckpointCorrupt, match="model.safetensors.zst: SHA-256 differs"):
                     check("training", "step-00000001")
         path.write_bytes(original[:-5])
         with pytest.raises(CheckpointCorrupt, match=r"model.safetensors.zst: size .*\(truncated"):
