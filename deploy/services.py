@@ -61,17 +61,6 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
         pass
 
 
-def _start_server(args: list[str], health_url: str, timeout: float, env: dict[str, str] | None,
-                  log: Path | None) -> subprocess.Popen:
-    proc = _spawn(args, env=env, log=log)
-    try:
-        wait_http(health_url, timeout=timeout, proc=proc)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc
-
-
 def start_mlflow(backend_uri: str, artifacts: str | Path, port: int, log: Path | None = None,
                  extra: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``mlflow server`` on 127.0.0.1:port over ``backend_uri``; returns once /health answers."""
@@ -80,7 +69,7 @@ def start_mlflow(backend_uri: str, artifacts: str | Path, port: int, log: Path |
             "--port", str(port), "--workers", "1", *(extra or [])]
     # The GenAI job runner (seven huey worker processes) serves no stage of this pipeline.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
-    return _start_server(args, f"http://127.0.0.1:{port}/health", 120, env, log)
+    return start_server(args, f"http://127.0.0.1:{port}/health", 120, env, log)
 
 
 def prefect_env(port: int, home: str | Path | None = None) -> dict[str, str]:
@@ -94,7 +83,7 @@ def prefect_env(port: int, home: str | Path | None = None) -> dict[str, str]:
 def start_prefect(port: int, home: str | Path | None = None, log: Path | None = None) -> subprocess.Popen:
     """``prefect server start`` on 127.0.0.1:port; returns once its health check answers."""
     args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    return _start_server(args, f"http://127.0.0.1:{port}/api/health", 180, prefect_env(port, home), log)
+    return start_server(args, f"http://127.0.0.1:{port}/api/health", 180, prefect_env(port, home), log)
 
 
 def deploy_flows(project_dir: str | Path, env: dict[str, str], pool: str = "local") -> None:

@@ -13,7 +13,7 @@ def test_flow_runs_every_stage_and_returns_the_registered_version(prefect_harnes
     assert state.is_completed(), state
     registered = state.result()
     assert registered["status"] == "PendingManualApproval" and registered["version"] == "1"
-    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db", registry_uri=f"sqlite:///{project}/mlflow.db")
     version = client.get_model_version("digits-classifier", "1")
     run = client.get_run(version.run_id)
     flow_run_id = str(state.state_details.flow_run_id)
@@ -47,7 +47,7 @@ def test_flow_fails_at_the_gate_and_registers_nothing(prefect_harness, project):
     state = training_pipeline(params_path="params.yaml", version_data=False, return_state=True)
     assert state.is_failed()
     assert not (project / "models").exists()
-    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db", registry_uri=f"sqlite:///{project}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("mlops-pipeline").experiment_id])
     assert {(r.data.tags.get("stage", "pipeline"), r.info.status) for r in runs} == {
         ("pipeline", "FAILED"), ("prepare", "FINISHED"), ("validate", "FAILED")}

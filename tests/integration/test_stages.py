@@ -33,7 +33,8 @@ def test_stages_register_a_pending_version_with_lineage(project):
     summary = json.loads(done.stdout)
     assert summary["status"] == "PendingManualApproval" and summary["version"] == "1"
     (version,) = registered_versions(project)
-    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    uri = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(version.run_id)
     assert version.tags["approval_status"] == "PendingManualApproval"
     assert version.tags["dataset_md5"] == run.data.tags["dataset_md5"]

@@ -14,17 +14,9 @@ import pytest
 
 from ml.config import TrackingConfig
 from tests.conftest import REPO, run_module, small_params, write_params
-from tests.integration.test_metric_buffer_server import MlflowServer, free_port, wait_until
+from tests.integration.test_metric_buffer_server import server, wait_until  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path / "m.db", free_port(), tmp_path / "server.log")
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 def tracking_cfg(url: str, spool: Path, **overrides) -> TrackingConfig:
