@@ -104,6 +104,8 @@ def next_steps(registered: dict[str, Any]) -> str:
         f"  .venv/bin/mlops models show {name} {version}",
         f"  .venv/bin/mlops models approve {name} {version} --reason '...'   (another user, or --allow-self-approval)",
         f"  .venv/bin/mlops models promote {name} {version}",
+        "  .venv/bin/mlops serve                     # serves the champion, follows promotions",
+        "  .venv/bin/mlops lineage endpoint digits   # endpoint -> version -> run -> dataset",
     ])
 
 
