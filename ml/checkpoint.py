@@ -1033,10 +1033,12 @@ def release_documents(state: Mapping[str, Any], meta: Mapping[str, Any], *, tier
         config["training"] = extra["config"]
     config["tensors"] = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
                          for k, v in weights.items()}
-    metrics = dict(extra.get("metrics") or {})
+    loop = state.get("loop") if isinstance(state.get("loop"), Mapping) else {}
+    history = loop.get("history") or [{}]
+    last_epoch = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
+    metrics = dict(extra.get("metrics") or last_epoch)
     if "metric" in meta and "value" in meta:
         metrics.setdefault(meta["metric"], meta["value"])
-    loop = state.get("loop") if isinstance(state.get("loop"), Mapping) else {}
     source = {"tier": tier, "checkpoint": name, "step": meta.get("step", loop.get("global_step")),
               "epoch": meta.get("epoch", loop.get("epoch"))}
     source.update({key: extra[key] for key in ("run_id", "git_commit", "fingerprint") if extra.get(key) is not None})

@@ -67,9 +67,8 @@ class Observers:
         self.progress: Any = None
         self._closed = False
 
-    def hooks(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Any]:
+    def hooks(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, splits: Any) -> list[Any]:
         from ml.anomaly import AnomalyMonitor
-        from ml.data import load_split
         from ml.histograms import HistogramHook, grad_norm
         from ml.progress import ProgressHook
 
@@ -91,16 +90,15 @@ class Observers:
         self.monitor = AnomalyMonitor(self.params.anomaly, tracker, grad_norm=logged_grad_norm)
         hooks.append(_StepCounter(step_of))
         hooks.append(self.monitor)
-        n_train = len(load_split(self.params.data.processed_dir, "train")[1])
-        total = train.epochs * batches_per_epoch(n_train, train.batch_size)
+        total = train.epochs * batches_per_epoch(len(splits.y_train), train.batch_size)
         console = getattr(tracker, "console", None)
         stream = console.original("stderr") if console is not None else None
         self.progress = ProgressHook(total, tracking.progress, stream, batch_size=train.batch_size,
                                      epochs=train.epochs)
         hooks.append(self.progress)
         if tracking.confusion_every_epoch:
-            x_val, y_val = load_split(self.params.data.processed_dir, "val")
-            hooks.append(ConfusionPerEpoch(model, x_val, y_val, list(self.schema.classes), tracker, self.workdir))
+            hooks.append(ConfusionPerEpoch(model, splits.x_val, splits.y_val, list(self.schema.classes), tracker,
+                                           self.workdir))
         return hooks
 
     def close(self) -> None:

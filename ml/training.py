@@ -9,8 +9,9 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ml.config import CheckpointConfig, TrainConfig, flatten
@@ -26,7 +27,16 @@ logger = logging.getLogger(__name__)
 # of these still resumes exactly (more epochs extend a run; paths only say where results go).
 _NOT_IN_FINGERPRINT = ("epochs", "device", "model_dir", "run_file", "metrics_file")
 
-HookFactory = Callable[[MLP, torch.optim.Optimizer], Sequence[LoopHooks]]
+class Splits(NamedTuple):
+    """The training and validation arrays as train() loaded them, for hooks that need the data."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+HookFactory = Callable[[MLP, torch.optim.Optimizer, Splits], Sequence[LoopHooks]]
 
 
 @dataclass
@@ -90,21 +100,27 @@ def open_checkpoints(cfg: CheckpointConfig, on_saved: Callable[[Any], None] | No
 
 
 class MilestoneHook:
-    """Saves a milestone after an epoch whose monitored metric improved on its best so far."""
+    """Saves a milestone (the full training state) after an epoch whose monitored metric improved
+    on its best so far."""
 
-    def __init__(self, manager: Any, model: MLP, monitor: Sequence[str], state_of: Callable[[], Mapping[str, Any]],
-                 run_id: str | None) -> None:
-        self.manager, self.model, self.state_of, self.run_id = manager, model, state_of, run_id
+    def __init__(self, manager: Any, model: MLP, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                 monitor: Sequence[str], extra: Mapping[str, Any], run_id: str | None) -> None:
+        self.manager, self.model, self.optimizer, self.generator = manager, model, optimizer, generator
+        self.extra, self.run_id = extra, run_id
         self.monitor = [tuple(item.split(":")) for item in monitor]
 
     def on_step_end(self, state: LoopState, loss: float) -> None:
         pass
 
     def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        from ml.checkpoint import training_state
+
         for metric, mode in self.monitor:
             if metric not in metrics:
                 continue
-            self.manager.save_milestone_checkpoint(self.state_of(), metric, metrics[metric], mode,
+            snapshot = training_state(self.model, self.optimizer, loop_state=state, generator=self.generator,
+                                      extra=self.extra)
+            self.manager.save_milestone_checkpoint(snapshot, metric, metrics[metric], mode,
                                                    epoch=state.epoch, step=state.global_step, run_id=self.run_id,
                                                    notes=f"{metric} improved to {metrics[metric]:.6g}")
 
@@ -147,7 +163,7 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     With ``checkpoints``, training checkpoints are saved every ``every_steps``/``every_seconds`` and
     after every epoch, milestones when a monitored metric improves, and the newest valid training
     checkpoint of the same configuration is resumed (unless ``fresh``). ``hook_factory`` builds
-    further hooks that need the model and optimizer (histograms, anomaly monitor, progress bar).
+    further hooks that need the model, optimizer or data (histograms, anomaly monitor, progress bar).
     """
     tracker = tracker or NullTracker()
     device = resolve_device(cfg.device)
@@ -173,26 +189,16 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                  "classes": list(schema.classes), "features": list(schema.features),
                  "config": flatten(cfg, "train."), "dataset": dict(checkpoints.dataset),
                  "git_commit": checkpoints.git_commit, "environment": environment()}
-        from ml.checkpoint import CheckpointHook, training_state
+        from ml.checkpoint import CheckpointHook
 
-        state_ref: list[LoopState | None] = [state]
-
-        def extra_with_metrics() -> dict[str, Any]:
-            current = state_ref[0]
-            return {**extra, "metrics": dict(current.history[-1]) if current and current.history else {}}
-
-        ckpt_hook = CheckpointHook(manager, model, optimizer, generator=generator,
-                                   every_steps=checkpoints.cfg.every_steps, every_seconds=checkpoints.cfg.every_seconds,
-                                   extra=extra_with_metrics)
-        all_hooks.append(_TrackState(state_ref))
-        all_hooks.append(ckpt_hook)
+        all_hooks.append(CheckpointHook(manager, model, optimizer, generator=generator,
+                                        every_steps=checkpoints.cfg.every_steps,
+                                        every_seconds=checkpoints.cfg.every_seconds, extra=lambda: extra))
         if checkpoints.cfg.monitor:
-            milestone_state = lambda: training_state(model, optimizer, loop_state=state_ref[0],  # noqa: E731
-                                                     generator=generator, extra=extra_with_metrics())
-            all_hooks.append(MilestoneHook(manager, model, checkpoints.cfg.monitor, milestone_state,
+            all_hooks.append(MilestoneHook(manager, model, optimizer, generator, checkpoints.cfg.monitor, extra,
                                            checkpoints.run_id))
     if hook_factory is not None:
-        all_hooks.extend(hook_factory(model, optimizer))
+        all_hooks.extend(hook_factory(model, optimizer, Splits(x_train, y_train, x_val, y_val)))
     try:
         state = fit(model, optimizer, as_tensors(x_train, y_train), as_tensors(x_val, y_val),
                     epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, tracker=tracker,
@@ -206,19 +212,6 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     save_model(model, cfg.model_dir)
     atomic_write_json(cfg.metrics_file, state.history)
     return TrainResult(model, state, resumed_from, note, result_stats)
-
-
-class _TrackState:
-    """Keeps a reference to the live LoopState for callbacks that run outside the loop's hooks."""
-
-    def __init__(self, ref: list[LoopState | None]) -> None:
-        self.ref = ref
-
-    def on_step_end(self, state: LoopState, loss: float) -> None:
-        self.ref[0] = state
-
-    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
-        self.ref[0] = state
 
 
 def _record_save(tracker: Tracker, stats: list[dict[str, Any]], s: Any) -> None:
