@@ -64,4 +64,12 @@ def replace_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file another stage wrote; a missing or unreadable one is a one-line DataError."""
+    from ml.errors import DataError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (run the stage that writes it first)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None

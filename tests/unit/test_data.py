@@ -92,3 +92,14 @@ def test_training_frame_rejects_empty_labels():
     frame = pd.DataFrame({"a": [1.0, 2.0], "y": [1, None]})
     with pytest.raises(DataError, match="label column 'y' has 1 empty values"):
         to_training_frame(frame, "y", "t.csv")
+
+
+def test_a_missing_or_broken_stage_output_is_a_one_line_data_error(tmp_path):
+    from ml.errors import DataError
+    from ml.io import read_json
+
+    with pytest.raises(DataError, match=r"schema.json: not found \(run the stage that writes it first\)"):
+        read_json(tmp_path / "schema.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="bad.json: not valid JSON"):
+        read_json(tmp_path / "bad.json")
