@@ -7,8 +7,8 @@ A training loop keeps the CPU (or the GPU) busy: an MLP whose parameters plus Ad
 take about ``--size-mb``, trained on a fixed batch. The same loop runs without checkpoints and with
 each of three ways to checkpoint every ``--every`` steps: ``torch.save`` of the model and optimizer
 state dicts followed by fsync; ``torch.distributed.checkpoint.async_save`` (the previous save is
-awaited before the next, as its documentation asks); and :class:`ml.checkpoint.CheckpointManager`
-through the same call :class:`ml.checkpoint.CheckpointHook` makes. The stall of a method is the
+awaited before the next, as its documentation asks); and :class:`ml.checkpoint.manager.CheckpointManager`
+through the same call :class:`ml.checkpoint.manager.CheckpointHook` makes. The stall of a method is the
 extra wall time of its loop per checkpoint against the loop without checkpoints, the last save
 awaited inside the timed region, estimated per iteration with medians (see
 :func:`stall_per_checkpoint`); methods run interleaved for ``--rounds`` rounds. On CUDA the state
@@ -124,12 +124,12 @@ class DcpAsync:
 
 
 class Ours:
-    """:class:`ml.checkpoint.CheckpointManager`, called as :class:`ml.checkpoint.CheckpointHook` does;
+    """:class:`ml.checkpoint.manager.CheckpointManager`, called as :class:`ml.checkpoint.manager.CheckpointHook` does;
     ``checksum=None`` is the manager's default."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path,
                  checksum: str | None = None) -> None:
-        from ml.checkpoint import CheckpointManager
+        from ml.checkpoint.manager import CheckpointManager
 
         self.model, self.optimizer = model, optimizer
         self.stats: list = []
@@ -139,8 +139,8 @@ class Ours:
         self.generator = torch.Generator().manual_seed(0)
 
     def state(self, step: int) -> dict:
-        from ml.checkpoint import training_state
-        from ml.loop import LoopState
+        from ml.checkpoint.manager import training_state
+        from ml.train.loop import LoopState
 
         return training_state(self.model, self.optimizer, loop_state=LoopState(global_step=step),
                               generator=self.generator)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy import services
+from mlops import services
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "validate", "train", "evaluate", "register")

@@ -6,7 +6,7 @@
    a deque append drained by a background thread), ``mlflow.log_metric(synchronous=True)`` and
    ``mlflow.log_metric(synchronous=False)``; then, after each has flushed, how many of the points it
    was given are in the store, with the right values and steps.
-2. Loop overhead: the same training loop (``ml.loop.fit`` on synthetic data) bare, and with full
+2. Loop overhead: the same training loop (``ml.train.loop.fit`` on synthetic data) bare, and with full
    tracking (4 metrics every step, system metrics every second, weight/gradient histograms every 50
    steps) plus an asynchronous training checkpoint every 100 steps. Rounds alternate bare/tracked
    and the medians are compared.
@@ -40,7 +40,7 @@ def landed(client, run_id: str, key: str, expected: dict[int, float]) -> int:
 
 
 def bench_ours(cfg, client, calls: int) -> tuple[float, float, int]:
-    from ml.tracking import MlflowTracker
+    from ml.tracking.mlflow_tracker import MlflowTracker
 
     tracker = MlflowTracker.start(cfg, "bench-ours", system_metrics=False)
     log = tracker.log_metric
@@ -96,7 +96,7 @@ def make_loop(width: int, n: int, seed: int = 0):
 def timed_fit(build, train, val, steps: int, batch: int, tracker=None, hooks_for=None) -> float:
     import torch
 
-    from ml.loop import fit
+    from ml.train.loop import fit
 
     model, optimizer = build()
     generator = torch.Generator().manual_seed(0)
@@ -113,9 +113,9 @@ def timed_fit(build, train, val, steps: int, batch: int, tracker=None, hooks_for
 
 
 def bench_loop(cfg, work: Path, steps: int, rounds: int, width: int, batch: int) -> tuple[float, float, dict]:
-    from ml.checkpoint import CheckpointHook, CheckpointManager
-    from ml.histograms import HistogramHook
-    from ml.tracking import MlflowTracker
+    from ml.checkpoint.manager import CheckpointHook, CheckpointManager
+    from ml.observe.histograms import HistogramHook
+    from ml.tracking.mlflow_tracker import MlflowTracker
 
     build, train, val = make_loop(width, steps * batch // 4)
     bare, tracked = [], []
@@ -151,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    from deploy.services import free_port, start_mlflow, stop
+    from mlops.services import free_port, start_mlflow, stop
     from ml.config import TrackingConfig
 
     with tempfile.TemporaryDirectory() as tmp:

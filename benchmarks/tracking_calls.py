@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def buffered_ns_per_call(calls: int, batch: int, spool_dir: Path) -> tuple[float, float]:
-    from ml.metric_buffer import MetricBuffer
+    from ml.tracking.buffer import MetricBuffer
 
     buffer = MetricBuffer(lambda chunk: None, spool_dir / "spool.jsonl", register_atexit=False)
     per_call = []

@@ -237,12 +237,12 @@ def load_version(client: Any, tracking_uri: str, name: str, version: str) -> Ser
 
 
 def eager_equivalent(module: Any, width: int) -> Any:
-    """The project's :class:`ml.model.MLP` rebuilt from ``module``'s weights when they fit it and it
+    """The project's :class:`ml.model.architectures.MLP` rebuilt from ``module``'s weights when they fit it and it
     gives the same outputs; otherwise ``module`` itself. Calling an exported (pt2) graph costs about
     three times the eager network on a single row (input flattening and guards on every call)."""
     import torch
 
-    from ml.model import MLP, ModelSpec
+    from ml.model.architectures import MLP, ModelSpec
 
     state = module.state_dict()
     layers = sorted((k for k in state if k.startswith("net.") and k.endswith(".weight")),

@@ -41,8 +41,8 @@ def start_pipeline_run(params_path: str) -> Any:
     """The parent MLflow run of one pipeline execution: all params, the code version, the flow run.
     The flow run gets a link artifact to it, so the Prefect and MLflow UIs point at each other."""
     from ml.config import flatten, load_params
-    from ml.lineage import git_info
-    from ml.tracking import MlflowTracker
+    from ml.provenance import git_info
+    from ml.tracking.mlflow_tracker import MlflowTracker
     from tasks.entry import flow_run_tags
 
     params = load_params(params_path)

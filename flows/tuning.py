@@ -27,7 +27,7 @@ def tuning_pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
     """Each stage a nested MLflow run under one pipeline run, the trials nested in the tune stage's
     study run; returns the registered version with the study's best trial."""
     from ml.config import flatten, load_params
-    from ml.tuning import redacted_storage
+    from ml.tune.study import redacted_storage
 
     pipeline = start_pipeline_run(params_path)
     parent = pipeline.run_id

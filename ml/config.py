@@ -130,7 +130,7 @@ class AnomalyConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """train: tiered checkpoints (see docs in ml/checkpoint.py)."""
+    """train: tiered checkpoints (see docs in ml/checkpoint/manager.py)."""
 
     dir: str = field(metadata=_check("nonempty", "root of the training/milestone/production tiers"))
     every_steps: int | None = field(metadata=_check("positive_or_none", "optimizer steps between training checkpoints, or null"))

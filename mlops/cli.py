@@ -119,7 +119,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_up(args: argparse.Namespace) -> None:
     """Starts the local servers and keeps them up until Ctrl-C."""
-    from deploy import services
+    from mlops import services
 
     uri = tracking_uri(args)
     if not uri.startswith(("sqlite:", "postgresql:", "mysql:")):

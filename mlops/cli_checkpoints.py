@@ -119,8 +119,8 @@ def _describe(meta: dict[str, Any]) -> str:
 def list_tiers(root: Path, tiers: tuple[str, ...]) -> dict[str, Any]:
     """What ``list`` shows: per tier, its committed checkpoints oldest first, its pointers, and the
     visible directories that are not committed checkpoints."""
-    from ml.checkpoint import CheckpointManager
-    from ml.checkpoint_store import scan_tier
+    from ml.checkpoint.manager import CheckpointManager
+    from ml.checkpoint.store import scan_tier
 
     manager = CheckpointManager(root, read_only=True)
     out: dict[str, Any] = {}
@@ -161,8 +161,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from ml.checkpoint import CheckpointCorrupt, CheckpointManager
-    from ml.checkpoint_store import scan_tier
+    from ml.checkpoint.manager import CheckpointCorrupt, CheckpointManager
+    from ml.checkpoint.store import scan_tier
 
     root = checkpoint_root(args)
     manager = CheckpointManager(root, read_only=True)
@@ -198,7 +198,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from ml.checkpoint import CheckpointManager
+    from ml.checkpoint.manager import CheckpointManager
 
     root = checkpoint_root(args)
     if args.tier == "production":
@@ -217,7 +217,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from ml.checkpoint import CheckpointManager, export_release
+    from ml.checkpoint.manager import CheckpointManager, export_release
 
     root = checkpoint_root(args)
     _tiers(args.tier, ("training", "milestone"))

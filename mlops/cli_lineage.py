@@ -24,9 +24,9 @@ def records_dir(args: argparse.Namespace) -> str:
 
 def cmd_lineage(args: argparse.Namespace) -> None:
     from mlops.cli import client_for
-    from registry import lineage
+    import lineage.graph as lineage
     from registry.auth import denied_as_error
-    from registry.lineage_render import render
+    from lineage.render import render
 
     client = client_for(args)
     directory = records_dir(args)
@@ -41,7 +41,7 @@ def cmd_lineage(args: argparse.Namespace) -> None:
 
 
 def add_parser(subparsers: Any) -> None:
-    from registry.lineage_render import FORMATS
+    from lineage.render import FORMATS
 
     parser = subparsers.add_parser("lineage", help="lineage of an endpoint, a dataset version or a model version")
     targets = parser.add_subparsers(dest="target", required=True)

@@ -28,7 +28,7 @@ from registry.store import VersionRecord
 def registry_client(tracking_uri: str) -> Any:
     from mlflow import MlflowClient
 
-    from ml.tracking import resolve_uri
+    from ml.tracking.mlflow_tracker import resolve_uri
 
     uri = resolve_uri(tracking_uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

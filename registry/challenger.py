@@ -68,14 +68,14 @@ def predict_classes(model: Any, x: Any, batch_size: int = 1024) -> Any:
 
 def accuracy_on_test_split(model: Any, processed_dir: str | Path) -> float:
     """Accuracy of a torch classifier on the test split of ``processed_dir``."""
-    from ml.data import load_split
+    from ml.data.prepare import load_split
 
     x_test, y_test = load_split(processed_dir, "test")
     return float((predict_classes(model, x_test) == y_test).mean()) if len(y_test) else 0.0
 
 
 def load_registered_model(name: str, version: str) -> Any:
-    """The PyTorch model of a registered version, on the CPU (the registry set by ml.tracking)."""
+    """The PyTorch model of a registered version, on the CPU (the registry set by ml.tracking.mlflow_tracker)."""
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 

@@ -43,8 +43,8 @@ def stage_run(params: Any, stage: str, *, run_name: str | None = None, parent: s
     """An MLflow run for one stage, with the stage's stdout and stderr captured to
     ``console/<stage>.log`` among its artifacts, also when the stage fails (then the run is
     FAILED and tagged with the error)."""
-    from ml.console import capture_console
-    from ml.tracking import MlflowTracker
+    from ml.tracking.console import capture_console
+    from ml.tracking.mlflow_tracker import MlflowTracker
 
     tracker = MlflowTracker.start(params.tracking, run_name or stage, tags={"stage": stage, **flow_run_tags(),
                                                                            **(tags or {})},

@@ -9,9 +9,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ml.config import load_params
-from ml.evaluation import evaluate
+from ml.model.evaluate import evaluate
 from ml.io import read_json
-from ml.tracking import MlflowTracker
+from ml.tracking.mlflow_tracker import MlflowTracker
 from tasks.entry import stage_main, stage_run
 
 

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ml.config import flatten, load_params
-from ml.data import prepare
+from ml.data.prepare import prepare
 from tasks.entry import stage_main, stage_run
 
 

@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from ml.config import load_params
 from ml.errors import QualityGateFailed
 from ml.io import atomic_write_json, read_json
-from ml.tracking import configure_mlflow
+from ml.tracking.mlflow_tracker import configure_mlflow
 from registry.approval import meets_quality_gate
 from registry.challenger import compare_with_champion
 from registry.store import register_version

@@ -11,11 +11,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ml.config import flatten, load_params
-from ml.data import Schema
+from ml.data.prepare import Schema
 from ml.io import atomic_write_json
-from ml.lineage import dataset_version, git_diff, git_info
-from ml.observers import Observers
-from ml.training import CheckpointContext, config_fingerprint, run_name, train
+from ml.provenance import dataset_version, git_diff, git_info
+from ml.observe.observers import Observers
+from ml.train.stage import CheckpointContext, config_fingerprint, run_name, train
 from tasks.entry import stage_main, stage_run
 
 

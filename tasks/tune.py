@@ -14,16 +14,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ml.config import flatten, load_params
-from ml.data import Schema
-from ml.lineage import dataset_version, git_info
+from ml.data.prepare import Schema
+from ml.provenance import dataset_version, git_info
 from tasks.entry import flow_run_tags, stage_main, stage_run
 
 
 def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
     """Runs ``tune.n_trials`` more trials of the study in ``tune.storage``, then writes the best
     trial's weights to ``train.model_dir`` and its summary to ``train.run_file``."""
-    from ml.tracking import MlflowTracker
-    from ml.tuning import STUDY_TAG, StudyContext, adopt_best_trial, open_study, redacted_storage, run_study
+    from ml.tracking.mlflow_tracker import MlflowTracker
+    from ml.tune.study import STUDY_TAG, StudyContext, adopt_best_trial, open_study, redacted_storage, run_study
 
     params = load_params(params_path)
     tune, processed = params.tune, params.data.processed_dir

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ml.config import flatten, load_params
-from ml.validation import validate
+from ml.data.validate import validate
 from tasks.entry import stage_main, stage_run
 
 

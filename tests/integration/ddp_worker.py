@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ml.checkpoint import CheckpointHook, CheckpointManager
-from ml.loop import fit
-from ml.model import MLP, ModelSpec
+from ml.checkpoint.manager import CheckpointHook, CheckpointManager
+from ml.train.loop import fit
+from ml.model.architectures import MLP, ModelSpec
 
 EPOCHS, BATCH, N = 3, 8, 96  # 48 samples per rank: 6 batches per epoch, 18 steps
 

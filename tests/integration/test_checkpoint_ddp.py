@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml.checkpoint import CheckpointManager
-from ml.checkpoint_store import read_manifest
+from ml.checkpoint.manager import CheckpointManager
+from ml.checkpoint.store import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml.checkpoint import CheckpointCorrupt, CheckpointHook, CheckpointManager
-from ml.checkpoint_s3 import CheckpointMirrorError, S3Mirror
-from ml.loop import fit, seed_everything
-from ml.model import MLP, ModelSpec
+from ml.checkpoint.manager import CheckpointCorrupt, CheckpointHook, CheckpointManager
+from ml.checkpoint.s3 import CheckpointMirrorError, S3Mirror
+from ml.train.loop import fit, seed_everything
+from ml.model.architectures import MLP, ModelSpec
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 import yaml
 
-from ml.lineage import dir_md5
+from ml.provenance import dir_md5
 from tests.conftest import REPO, copy_repo, shrink_params
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.metric_buffer import MetricBuffer, mlflow_batch_sender
+from ml.tracking.buffer import MetricBuffer, mlflow_batch_sender
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +126,7 @@ def test_every_metric_reaches_the_store_across_a_server_restart(server, tmp_path
 
 CHILD = textwrap.dedent("""
     import json, sys, time
-    from ml.metric_buffer import MetricBuffer, install_signal_flush
+    from ml.tracking.buffer import MetricBuffer, install_signal_flush
 
     store_path, spool_path = sys.argv[1], sys.argv[2]
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from deploy import services
+from mlops import services
 from tests.conftest import copy_repo, shrink_params
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 
 from ml.errors import QualityGateFailed
-from ml.model import MLP, ModelSpec
+from ml.model.architectures import MLP, ModelSpec
 from registry import actions, store
 from tests.conftest import run_module, small_params, write_params
 

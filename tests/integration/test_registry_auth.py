@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from deploy import services
+from mlops import services
 from mlops.cli import main
 
 pytestmark = pytest.mark.slow

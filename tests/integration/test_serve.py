@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from deploy import services
+from mlops import services
 from deploy.records import read_records
 from tests.conftest import PYTHON, REPO, run_module, small_params, write_params
 
@@ -79,7 +79,7 @@ def endpoint(server_process, reference):
 
 @pytest.fixture(scope="module")
 def digits_test(project) -> tuple[np.ndarray, np.ndarray]:
-    from ml.data import load_split
+    from ml.data.prepare import load_split
 
     return load_split(project.path / "data/processed", "test")
 

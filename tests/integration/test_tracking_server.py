@@ -97,7 +97,7 @@ def test_every_metric_lands_across_an_outage_through_the_tracker(server, tmp_pat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     from mlflow import MlflowClient
 
-    from ml.tracking import MlflowTracker
+    from ml.tracking.mlflow_tracker import MlflowTracker
 
     tracker = MlflowTracker.start(tracking_cfg(server.url, tmp_path / "spool"), "outage", system_metrics=False)
 
@@ -128,7 +128,7 @@ def test_every_metric_lands_across_an_outage_through_the_tracker(server, tmp_pat
 CHILD = textwrap.dedent("""
     import sys, time
     from ml.config import TrackingConfig
-    from ml.tracking import MlflowTracker
+    from ml.tracking.mlflow_tracker import MlflowTracker
 
     url, spool, ready = sys.argv[1], sys.argv[2], sys.argv[3]
     cfg = TrackingConfig(uri=url, experiment="sigterm", artifact_root=spool + "-artifacts", flush_interval_s=3600,
@@ -149,7 +149,7 @@ CHILD = textwrap.dedent("""
 def test_sigterm_mid_run_loses_nothing(server, tmp_path, store_up):
     from mlflow import MlflowClient
 
-    from ml.tracking import replay_spools
+    from ml.tracking.mlflow_tracker import replay_spools
 
     spool = tmp_path / "spool"
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",

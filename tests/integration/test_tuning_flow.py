@@ -107,7 +107,7 @@ def test_study_run_records_the_best_trial_and_optunas_plots(tuned):
 
 
 def test_best_trial_is_evaluated_and_registered_and_lineage_reaches_it(tuned):
-    from registry.lineage import lineage_of_model_version
+    from lineage.graph import lineage_of_model_version
 
     project, state = tuned
     registered = state.result()

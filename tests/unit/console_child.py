@@ -12,7 +12,7 @@ import subprocess
 import sys
 import warnings
 
-from ml.console import capture_console
+from ml.tracking.console import capture_console
 
 CHILD = "import sys; print('child-stdout'); print('child-stderr', file=sys.stderr)"
 

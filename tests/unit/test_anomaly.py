@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from ml.anomaly import (EVENTS_ARTIFACT, EXPLODING_GRADIENT, LOSS_SPIKE, NONFINITE_LOSS, PLATEAU, AnomalyEvent,
+from ml.observe.anomaly import (EVENTS_ARTIFACT, EXPLODING_GRADIENT, LOSS_SPIKE, NONFINITE_LOSS, PLATEAU, AnomalyEvent,
                         AnomalyMonitor, LossSpike, detect_exploding_gradients, detect_loss_spikes,
                         detect_nonfinite_losses, detect_plateaus, robust_zscore)
 from ml.config import AnomalyConfig
 from ml.errors import ConfigError
-from ml.loop import LoopState
+from ml.train.loop import LoopState
 
 NAN, INF = math.nan, math.inf
 
@@ -149,7 +149,7 @@ def test_bad_arguments(make, message):
 
 
 def drive(monitor, epochs):
-    """Feeds ``epochs``: a list of (step losses, step grad norms, epoch metrics), as ml.loop.fit would."""
+    """Feeds ``epochs``: a list of (step losses, step grad norms, epoch metrics), as ml.train.loop.fit would."""
     state = LoopState()
     norms = iter([n for losses, grads, _ in epochs for n in grads])
     monitor.grad_norm = lambda: next(norms)
@@ -210,7 +210,7 @@ def test_monitor_without_anomalies_still_tags_zero_and_writes_an_empty_artifact(
 
 def test_console_warnings_once_per_kind_per_epoch(caplog):
     monitor = AnomalyMonitor(config(loss_spike_window=2), RecordingTracker())
-    with caplog.at_level(logging.WARNING, logger="ml.anomaly"):
+    with caplog.at_level(logging.WARNING, logger="ml.observe.anomaly"):
         drive(monitor, [
             ([NAN, NAN, NAN, 1.0, 1.0, 5.0], [1.0] * 6, {"val_loss": 1.0}),
             ([NAN, NAN], [1.0, 1.0], {"val_loss": 0.5}),
@@ -228,7 +228,7 @@ def test_console_warnings_once_per_kind_per_epoch(caplog):
 def test_stop_action_stops_at_the_first_anomaly(caplog):
     tracker = RecordingTracker()
     monitor = AnomalyMonitor(config(action="stop"), tracker)
-    with caplog.at_level(logging.WARNING, logger="ml.anomaly"):
+    with caplog.at_level(logging.WARNING, logger="ml.observe.anomaly"):
         state = drive(monitor, [([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 20.0, 1.0], {"val_loss": 1.0}),
                                 ([1.0], [1.0], {"val_loss": 1.0})])
     assert state.stop and state.global_step == 3 and state.epoch == 0
@@ -247,7 +247,7 @@ def test_warn_action_never_stops():
 def test_stop_on_plateau_ends_the_real_loop_cleanly():
     import torch
 
-    from ml.loop import fit, seed_everything
+    from ml.train.loop import fit, seed_everything
 
     generator = seed_everything(0)
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))

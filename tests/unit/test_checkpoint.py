@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-import ml.checkpoint as checkpoint
-from ml.checkpoint import (
+import ml.checkpoint.manager as checkpoint
+from ml.checkpoint.manager import (
     CheckpointCorrupt,
     CheckpointExists,
     CheckpointHook,
@@ -31,9 +31,9 @@ from ml.checkpoint import (
     restore_rng_state,
     should_save,
 )
-from ml.checkpoint_store import encode_manifest
+from ml.checkpoint.store import encode_manifest
 from ml.errors import PipelineError
-from ml.loop import LoopState
+from ml.train.loop import LoopState
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -447,9 +447,9 @@ def test_hook_saves_every_n_steps_every_t_seconds_and_at_epoch_end(tmp_path):
 RESUME_SCRIPT = r'''
 import json, sys
 import torch
-from ml.checkpoint import CheckpointHook, CheckpointManager
-from ml.loop import fit, seed_everything
-from ml.model import MLP, ModelSpec
+from ml.checkpoint.manager import CheckpointHook, CheckpointManager
+from ml.train.loop import fit, seed_everything
+from ml.model.architectures import MLP, ModelSpec
 
 EPOCHS, BATCH, N = 3, 16, 100   # 7 batches per epoch, 21 steps
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml.checkpoint import CheckpointManager
+from ml.checkpoint.manager import CheckpointManager
 from tests.conftest import run_module
 
 pytestmark = pytest.mark.slow

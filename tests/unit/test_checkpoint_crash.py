@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml.checkpoint import CheckpointManager
-from ml.checkpoint_store import read_manifest, read_pointer, scan_tier
+from ml.checkpoint.manager import CheckpointManager
+from ml.checkpoint.store import read_manifest, read_pointer, scan_tier
 
 KILLS = 24
 

@@ -14,15 +14,15 @@ import zlib
 import pytest
 import torch
 
-import ml.checkpoint_store as store
-from ml.checkpoint import (
+import ml.checkpoint.store as store
+from ml.checkpoint.manager import (
     CheckpointCorrupt,
     CheckpointManager,
     export_release,
     release_documents,
     resolve_checkpoint,
 )
-from ml.checkpoint_store import MANIFEST, encode_manifest, read_manifest
+from ml.checkpoint.store import MANIFEST, encode_manifest, read_manifest
 from ml.errors import PipelineError
 
 
@@ -214,7 +214,7 @@ def test_the_optimizer_step_waits_for_the_background_copy_and_the_checkpoint_hol
 def test_without_an_optimizer_every_tensor_is_copied_before_the_call_returns(tmp_path, monkeypatch):
     release = threading.Event()
     real_commit = store.commit_checkpoint
-    monkeypatch.setattr("ml.checkpoint.commit_checkpoint",
+    monkeypatch.setattr("ml.checkpoint.manager.commit_checkpoint",
                         lambda *a, **k: (release.wait(30), real_commit(*a, **k))[1])
     live = {"model": {"w": torch.zeros(5)}}
     with CheckpointManager(tmp_path) as mgr:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.console import capture_console
+from ml.tracking.console import capture_console
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("console_child.py")

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from ml.config import load_params
-from ml.data import LABEL, Schema, load_split, prepare, split, to_training_frame
+from ml.data.prepare import LABEL, Schema, load_split, prepare, split, to_training_frame
 from ml.errors import DataError
 from tests.conftest import small_params, write_params
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ml.histograms import (TABLE_COLUMNS, HistogramHook, grad_norm, histogram_percentiles, read_table,
+from ml.observe.histograms import (TABLE_COLUMNS, HistogramHook, grad_norm, histogram_percentiles, read_table,
                            render_histograms)
-from ml.loop import LoopState
+from ml.train.loop import LoopState
 
 
 class RecordingTracker:
@@ -26,7 +26,7 @@ def tiny_model():
 
 
 def train_steps(model, hook, steps, state=None):
-    """Runs ``steps`` SGD steps, calling the hook as ml.loop.fit does (after optimizer.step())."""
+    """Runs ``steps`` SGD steps, calling the hook as ml.train.loop.fit does (after optimizer.step())."""
     generator = torch.Generator().manual_seed(1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = state or LoopState()

@@ -1,4 +1,4 @@
-from ml.lineage import dir_md5, git_info, locked_md5
+from ml.provenance import dir_md5, git_info, locked_md5
 
 
 def test_dir_md5_depends_on_content_and_names_only(tmp_path):

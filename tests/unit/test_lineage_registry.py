@@ -11,8 +11,9 @@ from mlflow import MlflowClient
 from deploy.records import DeploymentRecord, append_record
 from ml.errors import RegistryError
 from mlops.cli import main
-from registry import lineage, store
-from registry.lineage_render import to_mermaid, to_text
+import lineage.graph as lineage
+from registry import store
+from lineage.render import to_mermaid, to_text
 
 MD5 = "0123456789abcdef0123456789abcdef.dir"
 OTHER_MD5 = "fedcba9876543210fedcba9876543210.dir"

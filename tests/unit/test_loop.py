@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ml.loop import LoopState, batches_per_epoch, fit, seed_everything
-from ml.model import MLP, ModelSpec, load_model, predict, save_model
+from ml.train.loop import LoopState, batches_per_epoch, fit, seed_everything
+from ml.model.architectures import MLP, ModelSpec, load_model, predict, save_model
 
 
 def data(n=200, features=8, classes=3, seed=0):

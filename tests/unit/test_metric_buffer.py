@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from ml.metric_buffer import (
+from ml.tracking.buffer import (
     BufferCounters,
     MetricBuffer,
     MetricRecord,
     install_signal_flush,
     mlflow_batch_sender,
 )
-from ml.system_metrics import SystemMetricsSampler
+from ml.tracking.system import SystemMetricsSampler
 
 
 class FakeStore:
@@ -358,7 +358,7 @@ def test_sampler_reports_missing_nvml_once_and_survives_a_failing_log(monkeypatc
     def broken_log(key, value, step):
         raise RuntimeError("sink gone")
 
-    with caplog.at_level(logging.INFO, logger="ml.system_metrics"):
+    with caplog.at_level(logging.INFO, logger="ml.tracking.system"):
         sampler = SystemMetricsSampler(broken_log, interval_s=0.01)
         sampler.start()
         time.sleep(0.05)
@@ -396,7 +396,7 @@ def test_sampler_reads_gpus_through_nvml_and_skips_unsupported_readings(monkeypa
     monkeypatch.setitem(sys.modules, "pynvml", fake)
 
     sampler = SystemMetricsSampler(lambda *a: None, interval_s=3600.0)
-    with caplog.at_level(logging.INFO, logger="ml.system_metrics"):
+    with caplog.at_level(logging.INFO, logger="ml.tracking.system"):
         sampler.start()
         first = sampler.sample()
         second = sampler.sample()

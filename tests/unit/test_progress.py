@@ -4,8 +4,8 @@ import re
 import pytest
 from rich.console import Console
 
-from ml.loop import LoopState
-from ml.progress import ProgressHook
+from ml.train.loop import LoopState
+from ml.observe.progress import ProgressHook
 
 
 class FakeClock:

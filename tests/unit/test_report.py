@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from ml.anomaly import AnomalyEvent
-from ml.report import (MetricSummary, metric_mode, recommendations, slope, summarize_metrics, summary_report,
+from ml.observe.anomaly import AnomalyEvent
+from ml.observe.report import (MetricSummary, metric_mode, recommendations, slope, summarize_metrics, summary_report,
                        trend)
 
 
@@ -137,7 +137,7 @@ def sections(markdown):
 
 
 def test_full_report_structure():
-    from ml.loop import StepTiming
+    from ml.train.loop import StepTiming
 
     md = summary_report(
         history(FALLING, RISING, accuracy=[0.5, 0.6, 0.7, 0.75, 0.8, 0.85]),

@@ -12,8 +12,8 @@ import torch
 
 from ml.config import load_params
 from ml.errors import ConfigError
-from ml.loop import LoopState, fit
-from ml.tuning import (PruningHook, StudyOutcome, adopt_best_trial, choice_label, decode_params, open_study,
+from ml.train.loop import LoopState, fit
+from ml.tune.study import (PruningHook, StudyOutcome, adopt_best_trial, choice_label, decode_params, open_study,
                        trial_dir, trial_train_config, write_study_report)
 from tests.conftest import REPO, base_params, write_params
 

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 from ml.config import load_params
-from ml.data import prepare
+from ml.data.prepare import prepare
 from ml.errors import ValidationFailed
-from ml.validation import class_shares, validate
+from ml.data.validate import class_shares, validate
 from tests.conftest import small_params, write_params
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from ml.config import EvaluateConfig
-from ml.data import Schema, load_split
+from ml.data.prepare import Schema, load_split
 from ml.io import atomic_write, atomic_write_json
-from ml.model import load_model, predict
+from ml.model.architectures import load_model, predict
 
 
 @dataclass(frozen=True)

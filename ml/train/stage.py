@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from ml.config import CheckpointConfig, TrainConfig, flatten
-from ml.data import Schema, load_split
+from ml.data.prepare import Schema, load_split
 from ml.io import atomic_write_json
-from ml.loop import LoopHooks, LoopState, fit, record_stop, resolve_device, seed_everything
-from ml.model import MLP, ModelSpec, save_model
-from ml.tracking import NullTracker, Tracker
+from ml.train.loop import LoopHooks, LoopState, fit, record_stop, resolve_device, seed_everything
+from ml.model.architectures import MLP, ModelSpec, save_model
+from ml.tracking.mlflow_tracker import NullTracker, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +87,13 @@ class CheckpointContext:
 
 def open_checkpoints(cfg: CheckpointConfig, on_saved: Callable[[Any], None] | None = None) -> Any:
     """The checkpoint manager for ``cfg``: its root, retention, compression and S3 mirror."""
-    from ml.checkpoint import CheckpointManager
+    from ml.checkpoint.manager import CheckpointManager
 
     kwargs: dict[str, Any] = {"keep_last": cfg.keep_last, "on_saved": on_saved, "checksum": cfg.checksum}
     if cfg.compress != "none":
         kwargs["compress"] = cfg.compress
     if cfg.s3_bucket:
-        from ml.checkpoint_s3 import S3Mirror
+        from ml.checkpoint.s3 import S3Mirror
 
         kwargs["mirror"] = S3Mirror(cfg.s3_bucket, cfg.s3_prefix, endpoint_url=cfg.s3_endpoint_url)
     return CheckpointManager(cfg.dir, **kwargs)
@@ -113,7 +113,7 @@ class MilestoneHook:
         pass
 
     def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
-        from ml.checkpoint import training_state
+        from ml.checkpoint.manager import training_state
 
         for metric, mode in self.monitor:
             if metric not in metrics:
@@ -129,7 +129,7 @@ def _resume(manager: Any, ctx: CheckpointContext, epochs: int, model: MLP, optim
             generator: torch.Generator) -> tuple[LoopState | None, str | None, str]:
     """Restores the newest valid training checkpoint when it is of the same configuration and not
     finished; otherwise says why training starts fresh."""
-    from ml.checkpoint import CheckpointCorrupt
+    from ml.checkpoint.manager import CheckpointCorrupt
 
     if ctx.fresh or not ctx.cfg.resume:
         return None, None, "starting fresh (" + ("--fresh" if ctx.fresh else "checkpoint.resume is false") + ")"
@@ -146,7 +146,7 @@ def _resume(manager: Any, ctx: CheckpointContext, epochs: int, model: MLP, optim
     loop = loaded.state["loop"]
     if loop["epoch"] >= epochs or loop["stop"]:
         return None, None, f"starting fresh: newest checkpoint {loaded.name} is of a finished training{skipped}"
-    from ml.checkpoint import restore_training_state
+    from ml.checkpoint.manager import restore_training_state
 
     state = restore_training_state(loaded.state, model, optimizer, generator=generator)
     note = (f"resuming from checkpoint training/{loaded.name} (epoch {state.epoch}, step {state.global_step}, "
@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                  "classes": list(schema.classes), "features": list(schema.features),
                  "config": flatten(cfg, "train."), "dataset": dict(checkpoints.dataset),
                  "git_commit": checkpoints.git_commit, "environment": environment()}
-        from ml.checkpoint import CheckpointHook
+        from ml.checkpoint.manager import CheckpointHook
 
         all_hooks.append(CheckpointHook(manager, model, optimizer, generator=generator,
                                         every_steps=checkpoints.cfg.every_steps,

@@ -13,7 +13,7 @@ Links followed, as the pipeline records them:
   input (digest = DVC md5), on the run or its nearest ancestor.
 
 A link that is not recorded, or points at something deleted, becomes a node marked missing, so a
-partial lineage is still shown. Results are a :class:`Lineage` graph; :mod:`registry.lineage_render`
+partial lineage is still shown. Results are a :class:`Lineage` graph; :mod:`lineage.render`
 prints it as text, JSON or Mermaid.
 """
 

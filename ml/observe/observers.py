@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml.loop import LoopState, batches_per_epoch
+from ml.train.loop import LoopState, batches_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ConfusionPerEpoch:
     def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
         import json
 
-        from ml.evaluation import classification_metrics, render_confusion
+        from ml.model.evaluate import classification_metrics, render_confusion
 
         device = next(self.model.parameters()).device
         was_training = self.model.training
@@ -68,9 +68,9 @@ class Observers:
         self._closed = False
 
     def hooks(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, splits: Any) -> list[Any]:
-        from ml.anomaly import AnomalyMonitor
-        from ml.histograms import HistogramHook, grad_norm
-        from ml.progress import ProgressHook
+        from ml.observe.anomaly import AnomalyMonitor
+        from ml.observe.histograms import HistogramHook, grad_norm
+        from ml.observe.progress import ProgressHook
 
         tracking, train = self.params.tracking, self.params.train
         tracker = self.tracker
@@ -116,7 +116,7 @@ class Observers:
 
     def finish(self, result: Any) -> str:
         """Logs ``summary.md`` and the step-timing summary metrics; returns the report."""
-        from ml.report import memory_totals, summary_report
+        from ml.observe.report import memory_totals, summary_report
 
         state = result.state
         sampler = getattr(self.tracker, "sampler", None)

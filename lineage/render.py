@@ -1,10 +1,10 @@
-"""A :class:`registry.lineage.Lineage` as text (an indented tree), JSON, or a Mermaid flowchart."""
+"""A :class:`lineage.graph.Lineage` as text (an indented tree), JSON, or a Mermaid flowchart."""
 
 from __future__ import annotations
 
 import json
 
-from registry.lineage import Lineage, Node
+from lineage.graph import Lineage, Node
 
 FORMATS = ("text", "json", "mermaid")
 

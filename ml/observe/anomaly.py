@@ -11,7 +11,7 @@ Detectors (each fed one value at a time; ``check`` returns an :class:`AnomalyEve
 The ``detect_*`` functions run a detector over a whole series (steps 1..n), for tests and for
 offline analysis of a logged history.
 
-:class:`AnomalyMonitor` is a :class:`ml.loop.LoopHooks` built from :class:`ml.config.AnomalyConfig`:
+:class:`AnomalyMonitor` is a :class:`ml.train.loop.LoopHooks` built from :class:`ml.config.AnomalyConfig`:
 it runs the step detectors after every step and the plateau detector after every epoch, keeps
 every event, tags the run (``anomaly.<kind>`` = first step, ``anomalies`` = count), warns on the
 console at most once per kind per epoch, sets ``state.stop`` when ``action == "stop"``, and at
@@ -33,8 +33,8 @@ from ml.errors import ConfigError
 
 if TYPE_CHECKING:
     from ml.config import AnomalyConfig
-    from ml.loop import LoopState
-    from ml.tracking import Tracker
+    from ml.train.loop import LoopState
+    from ml.tracking.mlflow_tracker import Tracker
 
 _logger = logging.getLogger(__name__)
 
@@ -227,13 +227,13 @@ def detect_plateaus(values: Iterable[float], patience: int, mode: str) -> list[A
 
 
 class AnomalyMonitor:
-    """A :class:`ml.loop.LoopHooks` that watches the loss, the gradient norm and a validation metric.
+    """A :class:`ml.train.loop.LoopHooks` that watches the loss, the gradient norm and a validation metric.
 
     Args:
         cfg: What counts as an anomaly and what to do (``action``: ``"warn"`` or ``"stop"``).
         tracker: Receives the tags as events happen and the events artifact at :meth:`close`.
         grad_norm: Called after each step for the global gradient norm (None: not available that
-            step), e.g. ``lambda: ml.histograms.grad_norm(model)``; without it, no gradient check.
+            step), e.g. ``lambda: ml.observe.histograms.grad_norm(model)``; without it, no gradient check.
         logger: Where console warnings go.
 
     Tags: ``anomaly.<kind>`` is set to the first step of that kind when it happens; ``anomalies``

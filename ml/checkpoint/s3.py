@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ml.checkpoint_store import (
+from ml.checkpoint.store import (
     MANIFEST,
     CheckpointCorrupt,
     check_digest,

@@ -176,7 +176,7 @@ def run_url(uri: str, experiment_id: str, run_id: str, ui: str = "http://127.0.0
 class MlflowTracker:
     """A :class:`Tracker` over one MLflow run that never makes the training thread wait.
 
-    Metrics go through a :class:`ml.metric_buffer.MetricBuffer`: ``log_metric`` appends to a deque,
+    Metrics go through a :class:`ml.tracking.buffer.MetricBuffer`: ``log_metric`` appends to a deque,
     a daemon thread sends ``log_batch`` chunks, and while the store is unreachable the chunks go to
     an fsync'd spool under ``cfg.spool_dir`` (``<run_id>.metrics.jsonl``) that is replayed in order
     once it is back, including by a later process (see :func:`replay_spools`). System metrics are
@@ -188,7 +188,7 @@ class MlflowTracker:
 
     def __init__(self, client: Any, run_id: str, cfg: TrackingConfig, *, experiment_id: str | None = None,
                  system_metrics: bool = True) -> None:
-        from ml.metric_buffer import MetricBuffer, mlflow_batch_sender
+        from ml.tracking.buffer import MetricBuffer, mlflow_batch_sender
 
         self.client = client
         self.run_id = run_id
@@ -208,7 +208,7 @@ class MlflowTracker:
         self._previous_handlers: dict[int, Any] = {}
         self._install_signal_flush()
         if system_metrics:
-            from ml.system_metrics import SystemMetricsSampler
+            from ml.tracking.system import SystemMetricsSampler
 
             self.sampler = SystemMetricsSampler(self.buffer.log, cfg.system_metrics_interval_s)
             self.sampler.start()
@@ -300,7 +300,7 @@ class MlflowTracker:
         """On SIGTERM/SIGINT: drain the buffer (or spool it), then the previous handler runs."""
         if threading.current_thread() is not threading.main_thread():
             return
-        from ml.metric_buffer import install_signal_flush
+        from ml.tracking.buffer import install_signal_flush
 
         self._previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         install_signal_flush(self.buffer)
@@ -358,7 +358,7 @@ def replay_spools(client: Any, cfg: TrackingConfig) -> int:
 
     Spool files are named after their run; one whose store is still unreachable stays for next time.
     """
-    from ml.metric_buffer import MetricBuffer, mlflow_batch_sender
+    from ml.tracking.buffer import MetricBuffer, mlflow_batch_sender
 
     directory = Path(cfg.spool_dir)
     if not directory.is_dir():

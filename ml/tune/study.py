@@ -33,7 +33,7 @@ from ml.io import atomic_write_json, replace_dir
 if TYPE_CHECKING:
     import numpy as np
 
-    from ml.loop import LoopState
+    from ml.train.loop import LoopState
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +163,9 @@ def open_study(cfg: TuneConfig) -> Any:
 
 @dataclass(frozen=True)
 class StudyContext:
-    """What every trial of one invocation shares. ``dataset`` is an :class:`ml.lineage.DatasetVersion`
-    and ``git`` a :class:`ml.lineage.GitInfo`; ``start_tracker`` has the signature of
-    :meth:`ml.tracking.MlflowTracker.start`; ``tags`` go on every trial run (git, dataset, flow run)."""
+    """What every trial of one invocation shares. ``dataset`` is an :class:`ml.provenance.DatasetVersion`
+    and ``git`` a :class:`ml.provenance.GitInfo`; ``start_tracker`` has the signature of
+    :meth:`ml.tracking.mlflow_tracker.MlflowTracker.start`; ``tags`` go on every trial run (git, dataset, flow run)."""
 
     params: Params
     study_run_id: str
@@ -203,7 +203,7 @@ def run_trial(trial: Any, ctx: StudyContext) -> float:
 
 
 def _train_trial(trial: Any, cfg: TrainConfig, tracker: Any, ctx: StudyContext) -> float:
-    from ml.training import train
+    from ml.train.stage import train
 
     tune, processed = ctx.params.tune, ctx.params.data.processed_dir
     tracker.log_params({**flatten(cfg, "train."), "data.processed_dir": processed,

@@ -7,10 +7,10 @@ Three tiers live under one root, each with its own retention and its own commit 
 * ``milestone/``: saved only when a metric improves on its best so far, kept indefinitely.
 * ``production/``: weights + config + model card under a semantic version, never overwritten.
 
-Every commit can be mirrored to S3 (:mod:`ml.checkpoint_s3`) and restored from it when the local
+Every commit can be mirrored to S3 (:mod:`ml.checkpoint.s3`) and restored from it when the local
 copy is missing. Under ``torch.distributed`` rank 0 writes the model and optimizer state and every
 rank's own RNG and loop state goes into the same checkpoint. The on-disk format and the commit
-protocol are in :mod:`ml.checkpoint_store`.
+protocol are in :mod:`ml.checkpoint.store`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ml.checkpoint_store import (
+from ml.checkpoint.store import (
     CHECKSUMS,
     COMPRESSIONS,
     STATE_JSON,
@@ -62,7 +62,7 @@ from ml.checkpoint_store import (
 )
 from ml.errors import PipelineError
 from ml.io import fsync_dir
-from ml.loop import LoopState
+from ml.train.loop import LoopState
 
 __all__ = [
     "CheckpointCorrupt", "CheckpointExists", "CheckpointHook", "CheckpointLocked", "CheckpointManager",
@@ -238,7 +238,7 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, loop_s
 def restore_training_state(state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, *,
                            generator: torch.Generator, scheduler: Any = None, scaler: Any = None) -> LoopState:
     """Loads ``state`` (from :func:`training_state`) into freshly built objects; returns the
-    :class:`LoopState` to pass to :func:`ml.loop.fit`. RNGs are restored last, after anything the
+    :class:`LoopState` to pass to :func:`ml.train.loop.fit`. RNGs are restored last, after anything the
     caller did to build the objects has consumed random numbers."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -373,7 +373,7 @@ class CheckpointManager:
             third of SHA-256's CPU time, which on a machine the training keeps busy is most of what
             a background save costs it; ``"sha256"`` for a cryptographic digest. Milestones and
             releases, which are kept, always use SHA-256.
-        mirror: an :class:`ml.checkpoint_s3.S3Mirror` that each commit is uploaded to after the local
+        mirror: an :class:`ml.checkpoint.s3.S3Mirror` that each commit is uploaded to after the local
             commit, with retention and pointers; checkpoints are restored from it when the local
             copy is missing.
         distributed: None detects an initialized ``torch.distributed`` group of more than one rank.
@@ -939,7 +939,7 @@ def _step_modified(optimizer: torch.optim.Optimizer | None) -> Callable[[torch.T
 
 
 class CheckpointHook:
-    """A :class:`ml.loop.LoopHooks` that saves training checkpoints from inside :func:`ml.loop.fit`:
+    """A :class:`ml.train.loop.LoopHooks` that saves training checkpoints from inside :func:`ml.train.loop.fit`:
     after a step when :func:`should_save` says so, and after every epoch when ``at_epoch_end``.
 
     Args:

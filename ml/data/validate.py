@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ml.config import ValidateConfig
-from ml.data import LABEL, SPLITS, Schema
+from ml.data.prepare import LABEL, SPLITS, Schema
 from ml.errors import DataError, ValidationFailed
 from ml.io import atomic_write_json
 

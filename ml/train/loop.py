@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ml.tracking import NullTracker, Tracker
+from ml.tracking.mlflow_tracker import NullTracker, Tracker
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""A training progress bar (rich) as a :class:`ml.loop.LoopHooks`.
+"""A training progress bar (rich) as a :class:`ml.train.loop.LoopHooks`.
 
 ``ProgressHook(total_steps, enabled=cfg.tracking.progress)`` shows the epoch, steps done of
 ``total_steps``, the latest loss, samples/s (steps/s without a ``batch_size``), the latest values of
 ``epoch_metrics``, elapsed and remaining time. It redraws at most ``max_refresh_per_s`` times a
 second, from the training thread (no refresh thread), and costs one clock read per step between
 redraws. ``enabled``: ``"on"`` always draws, ``"off"`` never, ``"auto"`` only when the stream is a
-terminal. Under :func:`ml.console.capture_console`, pass ``stream=capture.original("stderr")`` so
+terminal. Under :func:`ml.tracking.console.capture_console`, pass ``stream=capture.original("stderr")`` so
 the bar reaches the terminal and stays out of the log. The bar does not redirect ``sys.stdout``:
 prints and log lines still go where they went before.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from ml.loop import LoopState
+    from ml.train.loop import LoopState
 
 MODES = ("auto", "on", "off")
 

@@ -1,6 +1,6 @@
 """Weight and gradient histograms over training, for TensorBoard and for the run's artifacts.
 
-:class:`HistogramHook` is a :class:`ml.loop.LoopHooks`: every ``every_steps`` optimizer steps it
+:class:`HistogramHook` is a :class:`ml.train.loop.LoopHooks`: every ``every_steps`` optimizer steps it
 reads each parameter and its gradient (still present in ``on_step_end``, which runs after
 ``optimizer.step()`` and before the next ``zero_grad``) and
 
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ml.loop import LoopState
-    from ml.tracking import Tracker
+    from ml.train.loop import LoopState
+    from ml.tracking.mlflow_tracker import Tracker
 
 TABLE_FORMATS = ("parquet", "json")
 TABLE_COLUMNS = ("step", "tensor", "kind", "numel", "min", "max", "mean", "std", "norm", "nonfinite",

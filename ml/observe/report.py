@@ -8,11 +8,11 @@ every input that is missing:
   ``.../process_rss_mb``, ``.../memory_used_percent``, ``.../gpu0/memory_used_mb``,
   ``.../gpu0/utilization_percent``; prefixes optional), plus totals ``memory_total_mb`` and
   ``gpu<i>/memory_total_mb`` (see :func:`memory_totals`) for the headroom rule;
-- ``timing``: an ``ml.loop.StepTiming`` or a mapping with ``steps``, ``samples``, ``data_s``,
+- ``timing``: an ``ml.train.loop.StepTiming`` or a mapping with ``steps``, ``samples``, ``data_s``,
   ``compute_s``, ``wall_s`` (seconds summed over the steps);
-- ``checkpoints``: ``ml.checkpoint.SaveStats`` records (or mappings with ``blocking_s``,
+- ``checkpoints``: ``ml.checkpoint.manager.SaveStats`` records (or mappings with ``blocking_s``,
   ``background_s``, ``bytes_written``), or one mapping of totals with ``saves`` besides those keys;
-- ``anomalies``: ``ml.anomaly.AnomalyEvent`` records or mappings with the same fields.
+- ``anomalies``: ``ml.observe.anomaly.AnomalyEvent`` records or mappings with the same fields.
 
 The rules are in :func:`recommendations`; each has a stable id and a threshold constant below.
 """
