@@ -11,6 +11,7 @@ import getpass
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -130,6 +131,10 @@ def cmd_up(args: argparse.Namespace) -> None:
     logs = Path(".mlops-logs")
     logs.mkdir(exist_ok=True)
     procs = []
+    # A `kill` (SIGTERM) or a closed terminal (SIGHUP) stops everything as Ctrl-C does: the servers
+    # run in sessions of their own, so nothing else would reach them.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _interrupt)
     try:
         procs.append(services.start_mlflow(uri, artifacts, args.mlflow_port, log=logs / "mlflow.log"))
         print(f"MLflow UI:   http://127.0.0.1:{args.mlflow_port}")
@@ -150,8 +155,18 @@ def cmd_up(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        for signum in (*STOP_SIGNALS, signal.SIGINT):  # a second signal must not cut the shutdown short
+            signal.signal(signum, signal.SIG_IGN)
         for proc in reversed(procs):
             services.stop(proc)
+        print("Stopped.", flush=True)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
