@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands in dvc.yaml say `python`: make it the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast ui repro bench clean
+.PHONY: install run test test-fast lint ui repro bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,11 +23,15 @@ run: install
 	$(BIN)/python -m flows.training
 
 ## the whole test suite (unit, integration with real servers on loopback, e2e)
-test: install
+test: install lint
 	$(BIN)/python -m pytest
 
-test-fast: install
+test-fast: install lint
 	$(BIN)/python -m pytest -m "not slow"
+
+## the layering contracts of pyproject.toml [tool.importlinter]
+lint: install
+	$(BIN)/lint-imports
 
 ## MLflow UI on the same store, Prefect server, the deployments and a worker
 ui: install

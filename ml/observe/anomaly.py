@@ -34,7 +34,7 @@ from ml.errors import ConfigError
 if TYPE_CHECKING:
     from ml.config import AnomalyConfig
     from ml.train.loop import LoopState
-    from ml.tracking.mlflow_tracker import Tracker
+    from ml.tracking.base import Tracker
 
 _logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ml.train.loop import LoopState
-    from ml.tracking.mlflow_tracker import Tracker
+    from ml.tracking.base import Tracker
 
 TABLE_FORMATS = ("parquet", "json")
 TABLE_COLUMNS = ("step", "tensor", "kind", "numel", "min", "max", "mean", "std", "norm", "nonfinite",

@@ -1,8 +1,6 @@
-"""The tracking seam: the training loop talks to a :class:`Tracker`, never to MLflow.
-
-:class:`NullTracker` lets everything run with nothing attached; :class:`MlflowTracker` records a
-run in MLflow (the embedded SQLite store or an ``mlflow server``).
-"""
+"""Tracking in MLflow: :class:`MlflowTracker` records a run in the embedded SQLite store or an
+``mlflow server`` behind the :class:`ml.tracking.base.Tracker` seam, with machine capture, the
+metric buffer, system metrics and spool replay."""
 
 from __future__ import annotations
 
@@ -17,52 +15,12 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ml.config import TrackingConfig
 
+
 _logger = logging.getLogger(__name__)
-
-
-class Tracker(Protocol):
-    """What the loop and the stages may record. Every method is cheap to call or a no-op."""
-
-    run_id: str | None
-
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-    def log_metric(self, key: str, value: float, step: int) -> None: ...
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
-    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_text(self, text: str, artifact_file: str) -> None: ...
-    def close(self, status: str = "FINISHED") -> None: ...
-
-
-class NullTracker:
-    """Records nothing: for tests, notebooks and runs with tracking turned off."""
-
-    run_id: str | None = None
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metric(self, key: str, value: float, step: int) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        pass
-
-    def close(self, status: str = "FINISHED") -> None:
-        pass
 
 
 def is_local_store(uri: str) -> bool:
