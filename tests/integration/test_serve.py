@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 from mlops import services
 from deploy.records import read_records
 from tests.conftest import PYTHON, REPO, run_module, small_params, write_params
+from tests.integration.serving_setup import LoopingClients
 
 pytestmark = pytest.mark.slow
 
@@ -211,88 +210,59 @@ def test_health_and_info_describe_the_served_version(endpoint, project):
     assert tag["url"] == url and tag["since"] == info["serving_since"] and tag["until"] is None
 
 
-class RequestLoop:
-    """Clients sending one test row after another; each keeps (status, version, probabilities)."""
-
-    def __init__(self, url: str, rows: np.ndarray, clients: int) -> None:
-        self.stop = threading.Event()
-        self.results: list[list[tuple]] = [[] for _ in range(clients)]
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(url, rows, k), daemon=True) for k in range(clients)]
-
-    def _run(self, url: str, rows: np.ndarray, k: int) -> None:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            i = k
-            while not self.stop.is_set():
-                row = i % len(rows)
-                try:
-                    response = client.post("/predict", content=json.dumps({"inputs": [rows[row].tolist()]}))
-                except httpx.HTTPError as exc:
-                    self.errors.append(repr(exc))
-                    continue
-                body = response.json()
-                self.results[k].append((response.status_code, body.get("model_version"), row,
-                                        body.get("probabilities", [None])[0]))
-                i += 1
-
-    def wait_for(self, url: str, version: str, timeout: float = 60) -> None:
-        """Until the endpoint reports ``version``, and then a client got an answer from it."""
-        eventually(lambda: httpx.get(f"{url}/info").json()["model_version"] == version, timeout,
-                   f"endpoint did not switch to v{version}")
-        marks = [len(client) for client in self.results]
-        eventually(lambda: any(r[1] == version for client, mark in zip(self.results, marks, strict=True)
-                               for r in client[mark:]), timeout, f"no client was answered by v{version}")
+@pytest.fixture(scope="module")
+def moves() -> list[str]:
+    """The versions the champion alias was moved to while the module's server ran, in order."""
+    return []
 
 
-def eventually(condition, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{message} within {timeout:.0f} s"
-        time.sleep(0.05)
-
-
-def test_follows_promotion_and_rollback_without_a_failed_request(endpoint, project, digits_test, reference):
+def test_follows_promotion_and_rollback_without_a_failed_request(endpoint, project, digits_test, reference, moves):
     from registry import store
 
     url, _ = endpoint
     first, second = project.versions
+    rows = digits_test[0][:40]
     assert httpx.get(f"{url}/info").json()["model_version"] == first
-    loop = RequestLoop(url, digits_test[0][:40], clients=4)
-    for thread in loop.threads:
-        thread.start()
-    try:
-        loop.wait_for(url, first)
-        store.promote(project.client(), project.model_name, second, "tester")
-        loop.wait_for(url, second)
-        store.rollback(project.client(), project.model_name, "tester")
-        loop.wait_for(url, first)
-    finally:
-        loop.stop.set()
-        for thread in loop.threads:
-            thread.join(30)
-    responses = [r for client in loop.results for r in client]
-    assert loop.errors == [] and {status for status, *_ in responses} == {200}
-    for status, version, row, probabilities in responses:  # each answer comes whole from the version it names
-        np.testing.assert_allclose(probabilities, reference[version][row], atol=1e-5)
-    for client in loop.results:  # no client saw the versions flip back and forth
-        versions = [version for _, version, *_ in client]
+    payloads = [json.dumps({"inputs": [row.tolist()]}).encode() for row in rows]
+    with LoopingClients(url, payloads, clients=4) as clients:
+        marks = [clients.wait_until_each(lambda a: a.model_version == first, [0] * 4, 60, f"v{first} answer")]
+        for version in (second, first):
+            since = clients.counts()
+            if version == second:
+                store.promote(project.client(), project.model_name, second, "tester")
+            else:
+                store.rollback(project.client(), project.model_name, "tester")
+            moves.append(version)
+            marks.append(clients.wait_until_each(lambda a, v=version: a.model_version == v, since, 60,
+                                                 f"a v{version} answer after the move"))
+        assert clients.dead() == [], "a client thread died while the champion moved"
+        clients.stop()
+        marks.append(clients.counts())
+    answers = [a for client in clients.answers for a in client]
+    assert [(a.status, a.body) for a in answers if a.status != 200] == []
+    for k in range(len(clients.answers)):  # every client kept being answered across every move
+        assert all(before[k] < after[k] for before, after in zip(marks, marks[1:])), marks
+    for answer in answers:  # each answer comes whole from the version it names
+        body = json.loads(answer.body)
+        np.testing.assert_allclose(body["probabilities"][0], reference[body["model_version"]][answer.payload],
+                                   atol=1e-5)
+    for client in clients.answers:  # no client saw the versions flip back and forth
+        versions = [a.model_version for a in client]
         switches = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
-        assert " ".join(switches) in " ".join([first, second, first])
+        assert switches == [first, second, first]
     info = httpx.get(f"{url}/info").json()
     assert info["model_version"] == first and info["alias_target"] == first
-    def events():
-        return [(r.event, r.model_version) for r in read_records(project.path / "deployments", ENDPOINT)]
-
-    eventually(lambda: events()[-2:] == [("switch", second), ("switch", first)], 10,
-               f"switch records missing: {events()}")
 
 
-def test_clean_shutdown_records_start_switches_and_stop(endpoint, project):
+def test_clean_shutdown_records_start_switches_and_stop(endpoint, project, moves):
     url, proc = endpoint
     pid = proc.pid
     services.stop(proc)
     records = read_records(project.path / "deployments", ENDPOINT)
-    assert [r.event for r in records][0] == "start" and records[-1].event == "stop"
+    first = project.versions[0]
+    served_last = moves[-1] if moves else first
+    assert [(r.event, r.model_version) for r in records] == [
+        ("start", first), *(("switch", v) for v in moves), ("stop", served_last)]
     ready = f"{ENDPOINT}: serving {project.model_name} v{records[0].model_version} (@champion) at {url}"
     assert ready in (project.path / "serve.log").read_text().splitlines()
     assert {r.pid for r in records} == {pid} and {r.url for r in records} == {url}
