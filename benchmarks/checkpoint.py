@@ -8,7 +8,7 @@ take about ``--size-mb``, trained on a fixed batch. The same loop runs without c
 each of three ways to checkpoint every ``--every`` steps: ``torch.save`` of the model and optimizer
 state dicts followed by fsync; ``torch.distributed.checkpoint.async_save`` (the previous save is
 awaited before the next, as its documentation asks); and :class:`ml.checkpoint.manager.CheckpointManager`
-through the same call :class:`ml.checkpoint.manager.CheckpointHook` makes. The stall of a method is the
+through the same call :class:`ml.train.checkpoints.CheckpointHook` makes. The stall of a method is the
 extra wall time of its loop per checkpoint against the loop without checkpoints, the last save
 awaited inside the timed region, estimated per iteration with medians (see
 :func:`stall_per_checkpoint`); methods run interleaved for ``--rounds`` rounds. On CUDA the state
@@ -124,7 +124,7 @@ class DcpAsync:
 
 
 class Ours:
-    """:class:`ml.checkpoint.manager.CheckpointManager`, called as :class:`ml.checkpoint.manager.CheckpointHook` does;
+    """:class:`ml.checkpoint.manager.CheckpointManager`, called as :class:`ml.train.checkpoints.CheckpointHook` does;
     ``checksum=None`` is the manager's default."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path,
@@ -139,10 +139,10 @@ class Ours:
         self.generator = torch.Generator().manual_seed(0)
 
     def state(self, step: int) -> dict:
-        from ml.checkpoint.manager import training_state
+        from ml.checkpoint.state import training_state
         from ml.train.loop import LoopState
 
-        return training_state(self.model, self.optimizer, loop_state=LoopState(global_step=step),
+        return training_state(self.model, self.optimizer, loop=LoopState(global_step=step).state_dict(),
                               generator=self.generator)
 
     def save(self, step: int) -> float:

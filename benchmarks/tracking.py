@@ -113,7 +113,8 @@ def timed_fit(build, train, val, steps: int, batch: int, tracker=None, hooks_for
 
 
 def bench_loop(cfg, work: Path, steps: int, rounds: int, width: int, batch: int) -> tuple[float, float, dict]:
-    from ml.checkpoint.manager import CheckpointHook, CheckpointManager
+    from ml.checkpoint.manager import CheckpointManager
+    from ml.train.checkpoints import CheckpointHook
     from ml.observe.histograms import HistogramHook
     from ml.tracking.mlflow_tracker import MlflowTracker
 

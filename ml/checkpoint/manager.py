@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import struct
 import threading
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -62,13 +60,11 @@ from ml.checkpoint.store import (
 )
 from ml.errors import PipelineError
 from ml.io import fsync_dir
-from ml.train.loop import LoopState
 
 __all__ = [
-    "CheckpointCorrupt", "CheckpointExists", "CheckpointHook", "CheckpointLocked", "CheckpointManager",
-    "InvalidVersion", "LoadedCheckpoint", "ProductionCheckpoint", "ResumeResult", "SaveStats",
-    "capture_rng_state", "export_release", "is_improvement", "is_semver", "resolve_checkpoint",
-    "restore_rng_state", "restore_training_state", "should_save", "training_state",
+    "CheckpointCorrupt", "CheckpointExists", "CheckpointLocked", "CheckpointManager",
+    "InvalidVersion", "LoadedCheckpoint", "ProductionCheckpoint", "SaveStats",
+    "export_release", "is_improvement", "is_semver", "resolve_checkpoint", "should_save",
 ]
 
 logger = logging.getLogger(__name__)
@@ -170,89 +166,11 @@ class LoadedCheckpoint:
 
 
 @dataclass(frozen=True)
-class ResumeResult:
-    name: str
-    loop_state: LoopState
-    extra: dict[str, Any]
-    skipped: list[tuple[str, str]]
-
-
-@dataclass(frozen=True)
 class ProductionCheckpoint:
     version: str
     weights: dict[str, torch.Tensor]
     config: dict[str, Any]
     model_card: dict[str, Any]
-
-
-# --- exact-resume state ----------------------------------------------------------------------------
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy (legacy global), torch CPU and CUDA generator states as tensors and JSON
-    scalars, so they round-trip through safetensors + JSON without pickle."""
-    py_version, py_mt, py_gauss = random.getstate()
-    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": {"version": py_version, "mt": torch.tensor(py_mt, dtype=torch.int64), "gauss_next": py_gauss},
-        "numpy": {"bit_generator": bit_generator, "keys": torch.from_numpy(keys.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    py, npy = state["python"], state["numpy"]
-    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss_next"]))
-    np.random.set_state((npy["bit_generator"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        if not torch.cuda.is_available():
-            logger.warning("checkpoint holds CUDA RNG states but no CUDA device is available; not restored")
-        else:
-            torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, loop_state: LoopState,
-                   generator: torch.Generator, scheduler: Any = None, scaler: Any = None,
-                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Everything a bit-identical resume needs. The tensors are the live ones (no copy): hand the
-    dict straight to :meth:`CheckpointManager.save_training_checkpoint`, which snapshots it."""
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "loop": {"epoch": loop_state.epoch, "global_step": loop_state.global_step,
-                 "batch_in_epoch": loop_state.batch_in_epoch,
-                 "epoch_generator_state": loop_state.epoch_generator_state,
-                 "history": [dict(h) for h in loop_state.history], "stop": loop_state.stop},
-        "generator": generator.get_state(),
-        "rng": capture_rng_state(),
-        "extra": dict(extra or {}),
-    }
-
-
-def restore_training_state(state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                           generator: torch.Generator, scheduler: Any = None, scaler: Any = None) -> LoopState:
-    """Loads ``state`` (from :func:`training_state`) into freshly built objects; returns the
-    :class:`LoopState` to pass to :func:`ml.train.loop.fit`. RNGs are restored last, after anything the
-    caller did to build the objects has consumed random numbers."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
-        if obj is not None:
-            if state.get(name) is None:
-                raise CheckpointCorrupt(f"checkpoint has no {name} state but a {name} was given")
-            obj.load_state_dict(state[name])
-    loop = state["loop"]
-    generator.set_state(state["generator"])
-    restore_rng_state(state["rng"])
-    return LoopState(epoch=loop["epoch"], global_step=loop["global_step"], batch_in_epoch=loop["batch_in_epoch"],
-                     epoch_generator_state=loop["epoch_generator_state"],
-                     history=[dict(h) for h in loop["history"]], stop=loop["stop"])
 
 
 # --- torch.distributed -----------------------------------------------------------------------------
@@ -377,8 +295,8 @@ class CheckpointManager:
             commit, with retention and pointers; checkpoints are restored from it when the local
             copy is missing.
         distributed: None detects an initialized ``torch.distributed`` group of more than one rank.
-            Then every rank calls :meth:`save_training_checkpoint`, :meth:`load_latest_valid` /
-            :meth:`resume_training` and :meth:`close` together; rank 0 alone takes the lock and
+            Then every rank calls :meth:`save_training_checkpoint`, :meth:`load_latest_valid`
+            and :meth:`close` together; rank 0 alone takes the lock and
             writes, storing the shared state once and each rank's ``rank_local_keys`` per rank.
             Every rank loads from the same root (one machine, or a shared filesystem).
         io_workers: files of one checkpoint written at once.
@@ -452,6 +370,11 @@ class CheckpointManager:
     def _writable(self) -> None:
         if self.read_only or self._closed or (self.rank == 0 and self._lock_fd is None):
             raise RuntimeError("this checkpoint manager is read-only or closed")
+
+    def rank0_decides(self, value: bool) -> bool:
+        """Rank 0's ``value`` on every rank (e.g. a time-based decision: clocks differ between
+        ranks); ``value`` itself when not distributed."""
+        return value if self._dist is None else bool(_broadcast_json(self._dist, value))
 
     def _report(self, stats: SaveStats) -> None:
         if self._on_saved is not None:
@@ -675,18 +598,6 @@ class CheckpointManager:
         for bad, reason in skipped:
             logger.warning("skipped checkpoint %s/%s: %s", tier, bad, reason)
         return LoadedCheckpoint(tier, name, state, skipped)
-
-    def resume_training(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                        generator: torch.Generator, scheduler: Any = None,
-                        scaler: Any = None) -> ResumeResult | None:
-        """Restores the newest valid training checkpoint into the given objects (see
-        :meth:`load_latest_valid`); None when there is nothing to resume from."""
-        loaded = self.load_latest_valid("training")
-        if loaded is None:
-            return None
-        loop_state = restore_training_state(loaded.state, model, optimizer, generator=generator,
-                                            scheduler=scheduler, scaler=scaler)
-        return ResumeResult(loaded.name, loop_state, dict(loaded.state.get("extra") or {}), loaded.skipped)
 
     # --- milestone tier ---
 
@@ -936,55 +847,6 @@ def _step_modified(optimizer: torch.optim.Optimizer | None) -> Callable[[torch.T
                  for v in per_param.values() if isinstance(v, torch.Tensor)}
     storages.discard(0)
     return lambda t: t.untyped_storage().data_ptr() in storages
-
-
-class CheckpointHook:
-    """A :class:`ml.train.loop.LoopHooks` that saves training checkpoints from inside :func:`ml.train.loop.fit`:
-    after a step when :func:`should_save` says so, and after every epoch when ``at_epoch_end``.
-
-    Args:
-        extra: called at each save; its dict is stored under ``"extra"`` (e.g. early-stopper state).
-        clock: seconds, monotonic; injectable for tests.
-        overlap: copy the parameters and optimizer state while the next forward and backward run;
-            the next ``optimizer.step()`` waits for the copy. Turn it off when something other than
-            ``optimizer.step()`` modifies parameters in place between steps.
-    """
-
-    def __init__(self, manager: CheckpointManager, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 generator: torch.Generator, scheduler: Any = None, scaler: Any = None,
-                 every_steps: int | None = None, every_seconds: float | None = None,
-                 at_epoch_end: bool = True, extra: Callable[[], Mapping[str, Any]] | None = None,
-                 clock: Callable[[], float] = time.monotonic, overlap: bool = True) -> None:
-        if every_steps is not None and every_steps < 1:
-            raise ValueError("every_steps must be >= 1 or None")
-        if every_seconds is not None and every_seconds <= 0:
-            raise ValueError("every_seconds must be > 0 or None")
-        self.manager, self.model, self.optimizer = manager, model, optimizer
-        self.generator, self.scheduler, self.scaler = generator, scheduler, scaler
-        self.every_steps, self.every_seconds, self.at_epoch_end = every_steps, every_seconds, at_epoch_end
-        self.overlap = overlap
-        self._extra, self._clock = extra, clock
-        self._last_save_time = clock()
-
-    def on_step_end(self, state: LoopState, loss: float) -> None:
-        now = self._clock()
-        due = should_save(state.global_step, self.every_steps, self._last_save_time, now, self.every_seconds)
-        if self.every_seconds is not None and self.manager._dist is not None:
-            due = bool(_broadcast_json(self.manager._dist, due))  # clocks differ: rank 0 decides for all
-        if due:
-            self._save(state, now)
-
-    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
-        if self.at_epoch_end:
-            self._save(state, self._clock())
-
-    def _save(self, state: LoopState, now: float) -> None:
-        snapshot = training_state(self.model, self.optimizer, loop_state=state, generator=self.generator,
-                                  scheduler=self.scheduler, scaler=self.scaler,
-                                  extra=self._extra() if self._extra else None)
-        self.manager.save_training_checkpoint(snapshot, state.global_step, epoch=state.epoch,
-                                              optimizer=self.optimizer if self.overlap else None)
-        self._last_save_time = now
 
 
 # --- references and releases ------------------------------------------------------------------------

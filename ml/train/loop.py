@@ -31,6 +31,20 @@ class LoopState:
     stop_reason: str | None = None
     timing: StepTiming = field(default_factory=lambda: StepTiming())
 
+    def state_dict(self) -> dict[str, Any]:
+        """The position a checkpoint stores (tensors and JSON scalars; ``timing`` is this
+        process's own and is not saved)."""
+        return {"epoch": self.epoch, "global_step": self.global_step, "batch_in_epoch": self.batch_in_epoch,
+                "epoch_generator_state": self.epoch_generator_state,
+                "history": [dict(h) for h in self.history], "stop": self.stop}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.epoch_generator_state = state["epoch_generator_state"]
+        self.history = [dict(h) for h in state["history"]]
+        self.stop = state["stop"]
+
 
 @dataclass
 class StepTiming:

@@ -18,6 +18,7 @@ from ml.config import CheckpointConfig, TrainConfig, flatten
 from ml.data.prepare import Schema, load_split
 from ml.io import atomic_write_json
 from ml.train.loop import LoopHooks, LoopState, fit, record_stop, resolve_device, seed_everything
+from ml.train.checkpoints import CheckpointContext, CheckpointHook, MilestoneHook, open_checkpoints, resume_stage
 from ml.model.architectures import MLP, ModelSpec, save_model
 from ml.tracking.mlflow_tracker import NullTracker, Tracker
 
@@ -73,87 +74,6 @@ def environment() -> dict[str, str]:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
-@dataclass(frozen=True)
-class CheckpointContext:
-    """What the train stage knows about this training, stored in every checkpoint it makes."""
-
-    cfg: CheckpointConfig
-    fingerprint: str
-    run_id: str | None = None
-    dataset: Mapping[str, Any] = field(default_factory=dict)
-    git_commit: str = "unknown"
-    fresh: bool = False
-
-
-def open_checkpoints(cfg: CheckpointConfig, on_saved: Callable[[Any], None] | None = None) -> Any:
-    """The checkpoint manager for ``cfg``: its root, retention, compression and S3 mirror."""
-    from ml.checkpoint.manager import CheckpointManager
-
-    kwargs: dict[str, Any] = {"keep_last": cfg.keep_last, "on_saved": on_saved, "checksum": cfg.checksum}
-    if cfg.compress != "none":
-        kwargs["compress"] = cfg.compress
-    if cfg.s3_bucket:
-        from ml.checkpoint.s3 import S3Mirror
-
-        kwargs["mirror"] = S3Mirror(cfg.s3_bucket, cfg.s3_prefix, endpoint_url=cfg.s3_endpoint_url)
-    return CheckpointManager(cfg.dir, **kwargs)
-
-
-class MilestoneHook:
-    """Saves a milestone (the full training state) after an epoch whose monitored metric improved
-    on its best so far."""
-
-    def __init__(self, manager: Any, model: MLP, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                 monitor: Sequence[str], extra: Mapping[str, Any], run_id: str | None) -> None:
-        self.manager, self.model, self.optimizer, self.generator = manager, model, optimizer, generator
-        self.extra, self.run_id = extra, run_id
-        self.monitor = [tuple(item.split(":")) for item in monitor]
-
-    def on_step_end(self, state: LoopState, loss: float) -> None:
-        pass
-
-    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
-        from ml.checkpoint.manager import training_state
-
-        for metric, mode in self.monitor:
-            if metric not in metrics:
-                continue
-            snapshot = training_state(self.model, self.optimizer, loop_state=state, generator=self.generator,
-                                      extra=self.extra)
-            self.manager.save_milestone_checkpoint(snapshot, metric, metrics[metric], mode,
-                                                   epoch=state.epoch, step=state.global_step, run_id=self.run_id,
-                                                   notes=f"{metric} improved to {metrics[metric]:.6g}")
-
-
-def _resume(manager: Any, ctx: CheckpointContext, epochs: int, model: MLP, optimizer: torch.optim.Optimizer,
-            generator: torch.Generator) -> tuple[LoopState | None, str | None, str]:
-    """Restores the newest valid training checkpoint when it is of the same configuration and not
-    finished; otherwise says why training starts fresh."""
-    from ml.checkpoint.manager import CheckpointCorrupt
-
-    if ctx.fresh or not ctx.cfg.resume:
-        return None, None, "starting fresh (" + ("--fresh" if ctx.fresh else "checkpoint.resume is false") + ")"
-    try:
-        loaded = manager.load_latest_valid("training")
-    except CheckpointCorrupt as exc:
-        return None, None, f"starting fresh: {exc}"
-    if loaded is None:
-        return None, None, "starting fresh: no training checkpoint"
-    skipped = "".join(f"; skipped {name}: {why}" for name, why in loaded.skipped)
-    extra = loaded.state.get("extra") or {}
-    if extra.get("fingerprint") != ctx.fingerprint:
-        return None, None, f"starting fresh: newest checkpoint {loaded.name} is of another configuration{skipped}"
-    loop = loaded.state["loop"]
-    if loop["epoch"] >= epochs or loop["stop"]:
-        return None, None, f"starting fresh: newest checkpoint {loaded.name} is of a finished training{skipped}"
-    from ml.checkpoint.manager import restore_training_state
-
-    state = restore_training_state(loaded.state, model, optimizer, generator=generator)
-    note = (f"resuming from checkpoint training/{loaded.name} (epoch {state.epoch}, step {state.global_step}, "
-            f"batch {state.batch_in_epoch} of the epoch){skipped}")
-    return state, loaded.name, note
-
-
 def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None = None,
           hooks: Sequence[LoopHooks] = (), *, checkpoints: CheckpointContext | None = None,
           hook_factory: HookFactory | None = None) -> TrainResult:
@@ -181,7 +101,8 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     manager, state, resumed_from, note = None, None, None, ""
     if checkpoints is not None:
         manager = open_checkpoints(checkpoints.cfg, on_saved=lambda s: _record_save(tracker, result_stats, s))
-        state, resumed_from, note = _resume(manager, checkpoints, cfg.epochs, model, optimizer, generator)
+        resumed = resume_stage(manager, checkpoints, cfg.epochs, model, optimizer, generator)
+        state, resumed_from, note = resumed.state, resumed.name, resumed.note
         logger.info("train: %s", note)
         print(f"train: {note}", flush=True)
         extra = {"fingerprint": checkpoints.fingerprint, "run_id": checkpoints.run_id,
@@ -189,8 +110,6 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                  "classes": list(schema.classes), "features": list(schema.features),
                  "config": flatten(cfg, "train."), "dataset": dict(checkpoints.dataset),
                  "git_commit": checkpoints.git_commit, "environment": environment()}
-        from ml.checkpoint.manager import CheckpointHook
-
         all_hooks.append(CheckpointHook(manager, model, optimizer, generator=generator,
                                         every_steps=checkpoints.cfg.every_steps,
                                         every_seconds=checkpoints.cfg.every_seconds, extra=lambda: extra))

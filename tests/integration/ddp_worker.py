@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ml.checkpoint.manager import CheckpointHook, CheckpointManager
+from ml.checkpoint.manager import CheckpointManager
+from ml.train.checkpoints import CheckpointHook, resume
 from ml.train.loop import fit
 from ml.model.architectures import MLP, ModelSpec
 
@@ -102,10 +103,10 @@ def main() -> None:
     hooks: list = []
     if manager is not None:
         if args.resume:
-            result = manager.resume_training(model, optimizer, generator=generator)
+            result = resume(manager, model, optimizer, generator=generator)
             record["restored_fingerprint"] = rng_fingerprint(generator)
             record["resumed_from"] = result.name
-            state = result.loop_state
+            state = result.state
         hooks.append(CheckpointHook(manager, model, optimizer, generator=generator, every_steps=4))
     hooks.append(StopAt(manager, args.stop_at, generator, record))
     try:

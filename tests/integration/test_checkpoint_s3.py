@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml.checkpoint.manager import CheckpointCorrupt, CheckpointHook, CheckpointManager
+from ml.checkpoint.manager import CheckpointCorrupt, CheckpointManager
 from ml.checkpoint.s3 import CheckpointMirrorError, S3Mirror
+from ml.train.checkpoints import CheckpointHook, resume as resume_from_checkpoints
 from ml.train.loop import fit, seed_everything
 from ml.model.architectures import MLP, ModelSpec
 
@@ -85,8 +86,8 @@ def train(manager: CheckpointManager | None = None, crash_step: int | None = Non
     hooks, state, resumed_from = [], None, None
     if manager is not None:
         if resume:
-            result = manager.resume_training(model, optimizer, generator=generator)
-            state, resumed_from = result.loop_state, result.name
+            result = resume_from_checkpoints(manager, model, optimizer, generator=generator)
+            state, resumed_from = result.state, result.name
         hooks = [CheckpointHook(manager, model, optimizer, generator=generator, every_steps=3),
                  CrashAt(manager, crash_step)]
     try:

@@ -21,18 +21,17 @@ import ml.checkpoint.manager as checkpoint
 from ml.checkpoint.manager import (
     CheckpointCorrupt,
     CheckpointExists,
-    CheckpointHook,
     CheckpointLocked,
     CheckpointManager,
     InvalidVersion,
-    capture_rng_state,
     is_improvement,
     is_semver,
-    restore_rng_state,
     should_save,
 )
+from ml.checkpoint.state import capture_rng_state, restore_rng_state
 from ml.checkpoint.store import encode_manifest
 from ml.errors import PipelineError
+from ml.train.checkpoints import CheckpointHook
 from ml.train.loop import LoopState
 
 REPO = Path(__file__).resolve().parents[2]
@@ -447,7 +446,8 @@ def test_hook_saves_every_n_steps_every_t_seconds_and_at_epoch_end(tmp_path):
 RESUME_SCRIPT = r'''
 import json, sys
 import torch
-from ml.checkpoint.manager import CheckpointHook, CheckpointManager
+from ml.checkpoint.manager import CheckpointManager
+from ml.train.checkpoints import CheckpointHook, resume as resume_from_checkpoints
 from ml.train.loop import fit, seed_everything
 from ml.model.architectures import MLP, ModelSpec
 
@@ -498,8 +498,8 @@ def run(root=None, crash_step=None, crash_epoch=None, resume=False, compress="no
     if root is not None:
         manager = CheckpointManager(root, compress=compress)
         if resume:
-            result = manager.resume_training(model, optimizer, generator=generator, scheduler=scheduler)
-            state, resumed_from = result.loop_state, result.name
+            result = resume_from_checkpoints(manager, model, optimizer, generator=generator, scheduler=scheduler)
+            state, resumed_from = result.state, result.name
         hooks += [CheckpointHook(manager, model, optimizer, generator=generator, scheduler=scheduler, every_steps=4),
                   CrashAt(manager, crash_step, crash_epoch)]
     try:
