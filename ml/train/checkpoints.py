@@ -19,7 +19,7 @@ from torch import nn
 from ml.checkpoint.manager import CheckpointManager, should_save
 from ml.checkpoint.state import restore_training_state, training_state
 from ml.checkpoint.store import CheckpointCorrupt
-from ml.train.loop import LoopState
+from ml.train.loop import Callback, LoopState
 
 __all__ = ["CheckpointContext", "CheckpointHook", "MilestoneHook", "Resumed", "open_checkpoints", "resume",
            "resume_stage"]
@@ -108,7 +108,7 @@ def resume_stage(manager: CheckpointManager, ctx: CheckpointContext, epochs: int
     return resume(manager, model, optimizer, generator=generator, fingerprint=ctx.fingerprint, epochs=epochs)
 
 
-class CheckpointHook:
+class CheckpointHook(Callback):
     """A loop hook that saves training checkpoints from inside :func:`ml.train.loop.fit`: after a
     step when :func:`ml.checkpoint.policy.should_save` says so, and after every epoch when
     ``at_epoch_end``.
@@ -142,7 +142,7 @@ class CheckpointHook:
         self._extra, self._callback_states, self._clock = extra, callback_states, clock
         self._last_save_time = clock()
 
-    def on_step_end(self, state: LoopState, loss: float) -> None:
+    def on_step_end(self, state: LoopState, step: Any) -> None:
         now = self._clock()
         due = should_save(state.global_step, self.every_steps, self._last_save_time, now, self.every_seconds)
         if self.every_seconds is not None:
@@ -164,7 +164,7 @@ class CheckpointHook:
         self._last_save_time = now
 
 
-class MilestoneHook:
+class MilestoneHook(Callback):
     """Saves a milestone (the full training state) after an epoch whose monitored metric improved
     on its best so far. ``monitor`` items are ``metric:mode`` (``val_loss:min``)."""
 
@@ -174,9 +174,6 @@ class MilestoneHook:
         self.manager, self.model, self.optimizer, self.generator = manager, model, optimizer, generator
         self.extra, self.run_id, self._callback_states = extra, run_id, callback_states
         self.monitor = [tuple(item.split(":")) for item in monitor]
-
-    def on_step_end(self, state: LoopState, loss: float) -> None:
-        return None
 
     def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
         for metric, mode in self.monitor:

@@ -3,24 +3,28 @@ and never calls MLflow or torch.save itself."""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ml.tracking.mlflow_tracker import NullTracker, Tracker
+from ml.tracking.base import NullTracker, Tracker
+from ml.train.step import StepOutput, train_step
 
 
 @dataclass
 class LoopState:
     """Where the loop is. ``batch_in_epoch`` is the sampler position: batches of the current epoch
     already consumed. ``epoch_generator_state`` is the shuffling RNG as it was when the epoch began,
-    so the same permutation can be drawn again on resume."""
+    so the same permutation can be drawn again on resume. ``epoch_sums`` holds the running sums of the
+    epoch in progress on the training device (summed loss, correct predictions, samples), from
+    which the epoch's ``train_loss`` and ``train_accuracy`` come."""
 
     epoch: int = 0
     global_step: int = 0
@@ -29,6 +33,7 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
     stop: bool = False
     stop_reason: str | None = None
+    epoch_sums: torch.Tensor | None = None
     timing: StepTiming = field(default_factory=lambda: StepTiming())
 
     def state_dict(self) -> dict[str, Any]:
@@ -36,7 +41,8 @@ class LoopState:
         process's own and is not saved)."""
         return {"epoch": self.epoch, "global_step": self.global_step, "batch_in_epoch": self.batch_in_epoch,
                 "epoch_generator_state": self.epoch_generator_state,
-                "history": [dict(h) for h in self.history], "stop": self.stop}
+                "history": [dict(h) for h in self.history], "stop": self.stop, "stop_reason": self.stop_reason,
+                "epoch_sums": self.epoch_sums}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
@@ -44,6 +50,8 @@ class LoopState:
         self.epoch_generator_state = state["epoch_generator_state"]
         self.history = [dict(h) for h in state["history"]]
         self.stop = state["stop"]
+        self.stop_reason = state.get("stop_reason")
+        self.epoch_sums = state.get("epoch_sums")
 
 
 @dataclass
@@ -65,11 +73,44 @@ class StepTiming:
                 "data_wait_fraction": self.data_s / max(self.data_s + self.compute_s, 1e-12)}
 
 
-class LoopHooks(Protocol):
-    """Called by :func:`fit`; a checkpoint manager or an early stopper plugs in here."""
+@dataclass(frozen=True)
+class StepValues:
+    """One step's outputs as numbers, as the loop logged them. ``epoch`` is the 1-based epoch the
+    step belongs to (as ``LoopState.history`` numbers it once done)."""
 
-    def on_step_end(self, state: LoopState, loss: float) -> None: ...
-    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None: ...
+    step: int
+    epoch: int
+    loss: float
+    grad_norm: float
+
+
+class Callback:
+    """A hook into :func:`fit`. Every method does nothing here; a callback overrides the ones it
+    needs, and each one receives the :class:`LoopState` as the loop left it (``global_step`` counts
+    the step just done). A callback that sets ``state.stop`` (and ``state.stop_reason``) ends the
+    loop after the current step.
+
+    A callback with state (a window, a patience count) also defines ``state_dict()`` and
+    ``load_state_dict()`` (torch's ``Stateful`` protocol) and a ``state_key``; the train stage
+    stores that state in training checkpoints and hands it back on resume.
+    """
+
+    def on_train_start(self, state: LoopState) -> None:
+        """Before the first step this call of :func:`fit` runs (after a resume: the restored state)."""
+
+    def on_step_end(self, state: LoopState, step: StepOutput) -> None:
+        """After every optimizer step, with its outputs as device tensors. Reading one as a number
+        waits for the device: callbacks that need numbers use :meth:`on_log`."""
+
+    def on_log(self, state: LoopState, values: Sequence[StepValues]) -> None:
+        """At the logging interval (and at each epoch's end): the steps since the last call, as
+        numbers. Runs before :meth:`on_step_end` of the step that completed the interval."""
+
+    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
+        """After an epoch's metrics are in ``state.history``."""
+
+    def on_train_end(self, state: LoopState) -> None:
+        """When :func:`fit` returns: all epochs done, or stopped."""
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -114,82 +155,122 @@ def fit(
     batch_size: int,
     generator: torch.Generator,
     tracker: Tracker | None = None,
-    hooks: Sequence[LoopHooks] = (),
+    hooks: Sequence[Callback] = (),
     state: LoopState | None = None,
+    log_every_steps: int = 1,
 ) -> LoopState:
     """Trains for ``epochs``; continues from ``state`` (possibly mid-epoch) when one is given.
 
-    Every step logs ``train/loss``, ``train/step_ms``, ``train/samples_per_s`` and
-    ``train/data_wait_ms``; every epoch logs the train/val loss and accuracy. A hook that sets
-    ``state.stop`` ends the loop cleanly after the current step, keeping the position inside the
-    epoch (see :func:`record_stop` for a history entry at that point).
+    Every step logs ``train/step_ms``, ``train/samples_per_s`` and ``train/data_wait_ms``; every
+    ``log_every_steps`` steps (and at each epoch's end) the ``train/loss`` and ``train/grad_norm`` of
+    each step since the last time, fetched from the device in one transfer. Every epoch logs
+    ``train_loss``/``train_accuracy`` (running means over the epoch's steps) and ``val_loss``/
+    ``val_accuracy``. A hook that sets ``state.stop`` ends the loop cleanly after the current step,
+    keeping the position inside the epoch (see :func:`record_stop` for a history entry at that point).
     """
+    if log_every_steps < 1:
+        raise ValueError(f"log_every_steps: expected an integer >= 1, got {log_every_steps!r}")
     tracker = tracker or NullTracker()
     log = tracker.log_metric
     state = state or LoopState()
     x_train, y_train = train
     n = len(x_train)
+    per_epoch = batches_per_epoch(n, batch_size)
     clock = _StepClock(x_train.device)
+    pending: list[tuple[int, int, StepOutput]] = []
+    for hook in hooks:
+        hook.on_train_start(state)
     while state.epoch < epochs and not state.stop:
         if state.batch_in_epoch == 0:
             state.epoch_generator_state = generator.get_state()
+            state.epoch_sums = None
         else:  # resuming mid-epoch: draw the same permutation the interrupted epoch used
             generator.set_state(state.epoch_generator_state)
+        if state.epoch_sums is None:
+            state.epoch_sums = torch.zeros(3, dtype=torch.float64)
+        sums = state.epoch_sums = state.epoch_sums.to(device=x_train.device, dtype=torch.float64)
         order = torch.randperm(n, generator=generator)
         model.train()
-        for b in range(state.batch_in_epoch, batches_per_epoch(n, batch_size)):
+        for b in range(state.batch_in_epoch, per_epoch):
             clock.begin()
             idx = order[b * batch_size:(b + 1) * batch_size]
             inputs, targets = x_train[idx], y_train[idx]
             clock.data_ready()
-            loss = nn.functional.cross_entropy(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_value = loss.item()
+            out = train_step(model, optimizer, [(inputs, targets)])
             data_s, compute_s, wall_s = clock.end()
             state.global_step += 1
             state.batch_in_epoch = b + 1
+            sums[0] += out.loss.double() * out.samples
+            sums[1] += out.correct
+            sums[2] += out.samples
             timing = state.timing
             timing.steps += 1
-            timing.samples += len(idx)
+            timing.samples += out.samples
             timing.data_s += data_s
             timing.compute_s += compute_s
             timing.wall_s += wall_s
             step = state.global_step
-            log("train/loss", loss_value, step)
             log("train/step_ms", 1000 * wall_s, step)
-            log("train/samples_per_s", len(idx) / wall_s if wall_s else 0.0, step)
+            log("train/samples_per_s", out.samples / wall_s if wall_s else 0.0, step)
             log("train/data_wait_ms", 1000 * data_s, step)
+            pending.append((step, state.epoch + 1, out))
+            if len(pending) >= log_every_steps or state.batch_in_epoch == per_epoch:
+                _log_steps(pending, tracker, hooks, state)
             for hook in hooks:
-                hook.on_step_end(state, loss_value)
+                hook.on_step_end(state, out)
             if state.stop:
                 break
-        if state.stop and state.batch_in_epoch < batches_per_epoch(n, batch_size):
+        if pending:  # stopped between logging intervals
+            _log_steps(pending, tracker, hooks, state)
+        if state.stop and state.batch_in_epoch < per_epoch:
             break
-        train_metrics = evaluate_split(model, x_train, y_train)
-        val_metrics = evaluate_split(model, *val)
-        metrics = {"train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
-                   "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}
+        metrics = {**_train_means(sums), **_prefixed(evaluate_split(model, *val), "val_")}
         state.epoch += 1
         state.batch_in_epoch = 0
         state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
         tracker.log_metrics(metrics, step=state.epoch)
         for hook in hooks:
             hook.on_epoch_end(state, metrics)
+    for hook in hooks:
+        hook.on_train_end(state)
     return state
+
+
+def _log_steps(pending: list[tuple[int, int, StepOutput]], tracker: Tracker, hooks: Sequence[Callback],
+               state: LoopState) -> None:
+    """Logs the pending steps' loss and gradient norm and hands them to the hooks' ``on_log``."""
+    # The one device-to-host transfer per logging interval: a GPU waits here, not at every step.
+    numbers = torch.stack([torch.stack((o.loss.float(), o.grad_norm.float())) for _, _, o in pending]).tolist()
+    values = [StepValues(step, epoch, loss, norm) for (step, epoch, _), (loss, norm) in zip(pending, numbers)]
+    pending.clear()
+    for v in values:
+        tracker.log_metric("train/loss", v.loss, v.step)
+        tracker.log_metric("train/grad_norm", v.grad_norm, v.step)
+    for hook in hooks:
+        hook.on_log(state, values)
+
+
+def _train_means(sums: torch.Tensor) -> dict[str, float]:
+    """``train_loss`` and ``train_accuracy`` from an epoch's running sums (loss, correct, samples)."""
+    loss_sum, correct, samples = sums.tolist()
+    if not samples:
+        return {"train_loss": math.nan, "train_accuracy": math.nan}
+    return {"train_loss": loss_sum / samples, "train_accuracy": correct / samples}
+
+
+def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {prefix + k: v for k, v in metrics.items()}
 
 
 def record_stop(model: nn.Module, state: LoopState, train: tuple[torch.Tensor, torch.Tensor],
                 val: tuple[torch.Tensor, torch.Tensor], batch_size: int, tracker: Tracker | None = None) -> None:
-    """After a stop mid-epoch: evaluates the model as it stands and appends it to the history at a
-    fractional epoch (3.4 = 40% into the 4th), so a stopped run still reports where it ended."""
+    """After a stop mid-epoch: the partial epoch's running train means and the model evaluated on
+    ``val`` as it stands, appended to the history at a fractional epoch (3.4 = 40% into the 4th), so
+    a stopped run still reports where it ended."""
     if not state.batch_in_epoch:
         return
-    train_metrics = evaluate_split(model, *train)
-    val_metrics = evaluate_split(model, *val)
-    metrics = {"train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
-               "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}
+    sums = state.epoch_sums if state.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)
+    metrics = {**_train_means(sums), **_prefixed(evaluate_split(model, *val), "val_")}
     epoch = state.epoch + state.batch_in_epoch / batches_per_epoch(len(train[0]), batch_size)
     state.history.append({"epoch": round(epoch, 4), "step": state.global_step, **metrics})
     (tracker or NullTracker()).log_metrics(metrics, step=state.epoch + 1)

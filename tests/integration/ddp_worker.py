@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ml.checkpoint.manager import CheckpointManager
 from ml.train.checkpoints import CheckpointHook, resume
-from ml.train.loop import fit
+from ml.train.loop import Callback, fit
 from ml.model.architectures import MLP, ModelSpec
 
 EPOCHS, BATCH, N = 3, 8, 96  # 48 samples per rank: 6 batches per epoch, 18 steps
@@ -59,7 +59,7 @@ def rng_fingerprint(generator: torch.Generator) -> str:
     return digest.hexdigest()
 
 
-class StopAt:
+class StopAt(Callback):
     """Records the RNG fingerprint right after the checkpoint of ``step`` and ends the run there."""
 
     def __init__(self, manager: CheckpointManager | None, step: int | None, generator: torch.Generator,
@@ -70,9 +70,6 @@ class StopAt:
         if state.global_step == self.step:
             self.record["saved_fingerprint"] = rng_fingerprint(self.generator)
             raise Interrupted
-
-    def on_epoch_end(self, state, metrics: dict) -> None:
-        pass
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch
 from ml.checkpoint.manager import CheckpointCorrupt, CheckpointManager
 from ml.checkpoint.s3 import CheckpointMirrorError, S3Mirror
 from ml.train.checkpoints import CheckpointHook, resume as resume_from_checkpoints
-from ml.train.loop import fit, seed_everything
+from ml.train.loop import Callback, fit, seed_everything
 from ml.model.architectures import MLP, ModelSpec
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ class Interrupted(Exception):
     pass
 
 
-class CrashAt:
+class CrashAt(Callback):
     def __init__(self, manager: CheckpointManager, step: int | None) -> None:
         self.manager, self.step = manager, step
 
@@ -70,9 +70,6 @@ class CrashAt:
         if state.global_step == self.step:
             self.manager.wait()
             raise Interrupted
-
-    def on_epoch_end(self, state, metrics: dict) -> None:
-        pass
 
 
 def train(manager: CheckpointManager | None = None, crash_step: int | None = None, resume: bool = False):
