@@ -6,16 +6,19 @@ Detectors (each fed one value at a time; ``check`` returns an :class:`AnomalyEve
 - :class:`LossSpike`: a robust z-score of the loss against the median and MAD of the previous
   ``window`` finite losses exceeds ``zscore`` (only once ``window`` losses have been seen).
 - :class:`ExplodingGradient`: the global gradient norm is above ``max_norm``, or not finite.
-- :class:`Plateau`: ``patience`` evaluations in a row without improving on the best value.
 
 The ``detect_*`` functions run a detector over a whole series (steps 1..n), for tests and for
 offline analysis of a logged history.
 
-:class:`AnomalyMonitor` is a :class:`ml.train.loop.LoopHooks` built from :class:`ml.config.AnomalyConfig`:
-it runs the step detectors after every step and the plateau detector after every epoch, keeps
+:class:`AnomalyMonitor` is a :class:`ml.train.loop.Callback` built from :class:`ml.config.AnomalyConfig`:
+it runs the detectors over every step's loss and gradient norm as the loop logs them, keeps
 every event, tags the run (``anomaly.<kind>`` = first step, ``anomalies`` = count), warns on the
 console at most once per kind per epoch, sets ``state.stop`` when ``action == "stop"``, and at
 :meth:`AnomalyMonitor.close` logs all events as the JSON-lines artifact ``events/anomalies.jsonl``.
+
+A metric that stops improving is not an anomaly here: that is early stopping's business
+(:class:`ml.train.callbacks.EarlyStopping`, ``train.early_stopping_patience``), which ends training
+whatever ``anomaly.action`` says.
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ml.errors import ConfigError
+from ml.train.loop import Callback
 
 if TYPE_CHECKING:
     from ml.config import AnomalyConfig
-    from ml.train.loop import LoopState
+    from ml.train.loop import LoopState, StepValues
     from ml.tracking.base import Tracker
 
 _logger = logging.getLogger(__name__)
@@ -41,8 +44,7 @@ _logger = logging.getLogger(__name__)
 NONFINITE_LOSS = "nonfinite_loss"
 LOSS_SPIKE = "loss_spike"
 EXPLODING_GRADIENT = "exploding_gradient"
-PLATEAU = "plateau"
-KINDS = (NONFINITE_LOSS, LOSS_SPIKE, EXPLODING_GRADIENT, PLATEAU)
+KINDS = (NONFINITE_LOSS, LOSS_SPIKE, EXPLODING_GRADIENT)
 
 EVENTS_ARTIFACT = "events/anomalies.jsonl"
 # Scale of the MAD that makes it estimate the standard deviation of normally distributed data.
@@ -54,9 +56,8 @@ MEAN_AD_TO_SIGMA = 1.2533
 @dataclass(frozen=True)
 class AnomalyEvent:
     """One anomaly. ``epoch`` is 1-based, as in ``LoopState.history``: the epoch the step belongs
-    to, or the epoch just evaluated. ``value`` and ``threshold`` depend on the kind: the loss and
-    NaN/inf, z-score and the z-score limit, the gradient norm and ``max_norm``, or for a plateau the
-    latest metric value and the best one."""
+    to. ``value`` and ``threshold`` depend on the kind: the loss and NaN/inf, z-score and the
+    z-score limit, or the gradient norm and ``max_norm``."""
 
     kind: str
     step: int
@@ -157,50 +158,6 @@ class ExplodingGradient:
                             else f"gradient norm is {norm} at step {step}")
 
 
-class Plateau:
-    """Flags ``patience`` evaluations in a row that did not improve on the best value (``mode`` "min":
-    strictly lower is better, "max": strictly higher). Fires once per plateau: an improvement ends
-    it, and a new run of ``patience`` evaluations without one fires again. A NaN value is no
-    improvement."""
-
-    kind = PLATEAU
-
-    def __init__(self, patience: int, mode: str, metric: str = "metric") -> None:
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience: expected an integer >= 1, got {patience!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode: expected one of min, max, got {mode!r}")
-        self.patience, self.mode, self.metric = patience, mode, metric
-        self.best: float | None = None
-        self.best_epoch: int | None = None
-        self.since_best = 0
-
-    def is_improvement(self, value: float) -> bool:
-        if math.isnan(value):
-            return False
-        if self.best is None:
-            return True
-        return value < self.best if self.mode == "min" else value > self.best
-
-    def check(self, value: float, step: int, epoch: int = 0) -> AnomalyEvent | None:
-        if self.is_improvement(value):
-            self.best, self.best_epoch, self.since_best = value, epoch, 0
-            return None
-        self.since_best += 1
-        if self.since_best != self.patience:
-            return None
-        best = math.nan if self.best is None else self.best
-        return AnomalyEvent(self.kind, step, epoch, value, best,
-                            f"{self.metric} has not improved on {best:.6g} (epoch {self.best_epoch}) for "
-                            f"{self.patience} evaluations; latest {value:.6g}")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "since_best": self.since_best}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.best, self.best_epoch, self.since_best = state["best"], state["best_epoch"], state["since_best"]
-
-
 def _scan(detector: Any, values: Iterable[float]) -> list[AnomalyEvent]:
     events = (detector.check(float(v), step) for step, v in enumerate(values, start=1))
     return [e for e in events if e is not None]
@@ -221,35 +178,31 @@ def detect_exploding_gradients(norms: Iterable[float], max_norm: float | None) -
     return _scan(ExplodingGradient(max_norm), norms)
 
 
-def detect_plateaus(values: Iterable[float], patience: int, mode: str) -> list[AnomalyEvent]:
-    """Events for the plateaus of an evaluated metric (evaluations numbered from 1)."""
-    return _scan(Plateau(patience, mode), values)
-
-
-class AnomalyMonitor:
-    """A :class:`ml.train.loop.LoopHooks` that watches the loss, the gradient norm and a validation metric.
+class AnomalyMonitor(Callback):
+    """A :class:`ml.train.loop.Callback` that watches every step's loss and gradient norm.
 
     Args:
         cfg: What counts as an anomaly and what to do (``action``: ``"warn"`` or ``"stop"``).
         tracker: Receives the tags as events happen and the events artifact at :meth:`close`.
-        grad_norm: Called after each step for the global gradient norm (None: not available that
-            step), e.g. ``lambda: ml.observe.histograms.grad_norm(model)``; without it, no gradient check.
         logger: Where console warnings go.
 
-    Tags: ``anomaly.<kind>`` is set to the first step of that kind when it happens; ``anomalies``
-    (the event count) is set with it, refreshed at each epoch end when it changed, and at close
-    (``0`` when nothing happened). With ``action == "stop"`` the first event sets ``state.stop``
-    and ``state.stop_reason``, and the tag ``anomaly.stopped`` names it.
+    It reads the steps' values as the loop logs them (:meth:`ml.train.loop.Callback.on_log`), so it
+    never makes the device wait for a number of its own. Tags: ``anomaly.<kind>`` is set to the
+    first step of that kind when it happens; ``anomalies`` (the event count) is set with it,
+    refreshed at each epoch end when it changed, and at close (``0`` when nothing happened). With
+    ``action == "stop"`` the first event sets ``state.stop`` and ``state.stop_reason``, and the tag
+    ``anomaly.stopped`` names it. Its detector window and events are its ``state_dict()``, saved in
+    training checkpoints, so a resumed run flags (and stops at) the same steps as a straight one.
     """
 
+    state_key = "anomaly"
+
     def __init__(self, cfg: AnomalyConfig, tracker: Tracker | None = None, *,
-                 grad_norm: Callable[[], float | None] | None = None,
                  logger: logging.Logger | None = None) -> None:
         if cfg.action not in ("warn", "stop"):
             raise ValueError(f"action: expected one of warn, stop, got {cfg.action!r}")
         self.cfg = cfg
         self.tracker = tracker
-        self.grad_norm = grad_norm
         self.logger = logger or _logger
         self.events: list[AnomalyEvent] = []
         self.first_step: dict[str, int] = {}
@@ -257,37 +210,23 @@ class AnomalyMonitor:
         self._nonfinite = NonFiniteLoss()
         self._spike = LossSpike(cfg.loss_spike_window, cfg.loss_spike_zscore)
         self._gradient = ExplodingGradient(cfg.max_grad_norm)
-        self._plateau = (Plateau(cfg.patience, cfg.patience_mode, cfg.patience_metric)
-                         if cfg.patience is not None else None)
         self._warned: set[tuple[str, int]] = set()
         self._suppressed: dict[str, int] = {}
         self._count_tagged = 0
         self._closed = False
 
-    # --- LoopHooks ---------------------------------------------------------------------------------
+    # --- Callback ----------------------------------------------------------------------------------
 
-    def on_step_end(self, state: LoopState, loss: float) -> None:
-        epoch = state.epoch + 1  # the epoch in progress, numbered as history numbers it once done
-        step = state.global_step
-        loss = float(loss)
-        event = self._nonfinite.check(loss, step, epoch) or self._spike.check(loss, step, epoch)
-        if event is not None:
-            self._record(event, state)
-        if self.grad_norm is not None:
-            norm = self.grad_norm()
-            if norm is not None:
-                event = self._gradient.check(float(norm), step, epoch)
-                if event is not None:
-                    self._record(event, state)
-
-    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
-        if self._plateau is not None:
-            if self.cfg.patience_metric not in metrics:
-                raise ConfigError(f"anomaly.patience_metric: expected one of {', '.join(sorted(metrics))}, "
-                                  f"got {self.cfg.patience_metric!r}")
-            event = self._plateau.check(float(metrics[self.cfg.patience_metric]), state.global_step, state.epoch)
+    def on_log(self, state: LoopState, values: Sequence[StepValues]) -> None:
+        for v in values:
+            event = self._nonfinite.check(v.loss, v.step, v.epoch) or self._spike.check(v.loss, v.step, v.epoch)
             if event is not None:
                 self._record(event, state)
+            event = self._gradient.check(v.grad_norm, v.step, v.epoch)
+            if event is not None:
+                self._record(event, state)
+
+    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
         self._tag_count()
 
     # --- events ------------------------------------------------------------------------------------
@@ -346,16 +285,18 @@ class AnomalyMonitor:
     # --- resume ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Detector state and events, for a training checkpoint's ``extra`` (resume continues the window)."""
-        return {"spike": self._spike.state_dict(),
-                "plateau": self._plateau.state_dict() if self._plateau is not None else None,
-                "events": [e.to_dict() for e in self.events], "first_step": dict(self.first_step)}
+        """The loss-spike window, the events so far and the first step of each kind."""
+        return {"spike": self._spike.state_dict(), "events": [e.to_dict() for e in self.events],
+                "first_step": dict(self.first_step), "stopped_by": self.stopped_by.to_dict() if self.stopped_by else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._spike.load_state_dict(state["spike"])
-        if self._plateau is not None and state.get("plateau") is not None:
-            self._plateau.load_state_dict(state["plateau"])
-        self.events = [AnomalyEvent(**{k: (float(v) if k in ("value", "threshold") else v) for k, v in e.items()})
-                       for e in state["events"]]
+        self.events = [_event(e) for e in state["events"]]
         self.first_step = dict(state["first_step"])
+        self.stopped_by = _event(state["stopped_by"]) if state.get("stopped_by") else None
         self._count_tagged = len(self.events)
+
+
+def _event(record: Mapping[str, Any]) -> AnomalyEvent:
+    """An event back from :meth:`AnomalyEvent.to_dict` (``"nan"``/``"inf"`` strings become floats)."""
+    return AnomalyEvent(**{k: (float(v) if k in ("value", "threshold") else v) for k, v in record.items()})

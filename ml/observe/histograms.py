@@ -1,8 +1,8 @@
 """Weight and gradient histograms over training, for TensorBoard and for the run's artifacts.
 
-:class:`HistogramHook` is a :class:`ml.train.loop.LoopHooks`: every ``every_steps`` optimizer steps it
-reads each parameter and its gradient (still present in ``on_step_end``, which runs after
-``optimizer.step()`` and before the next ``zero_grad``) and
+:class:`HistogramHook` is a :class:`ml.train.loop.Callback`: every ``every_steps`` optimizer steps it
+reads each parameter and its gradient (still present in ``on_step_end``: :func:`ml.train.step.train_step`
+clears gradients before the next backward pass, not after the update) and
 
 - writes one TensorBoard histogram per tensor (tags ``weights/<name>`` and ``gradients/<name>``)
   into ``logdir``, so ``tensorboard --logdir <logdir>`` shows the distributions over time;
@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.io import atomic_write, atomic_write_text
+from ml.train.loop import Callback
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from ml.train.loop import LoopState
+    from ml.train.step import StepOutput
     from ml.tracking.base import Tracker
 
 TABLE_FORMATS = ("parquet", "json")
@@ -108,7 +110,7 @@ class HistogramOutputs:
     png: Path | None
 
 
-class HistogramHook:
+class HistogramHook(Callback):
     """Weight/gradient histograms every ``every_steps`` steps (see the module docstring).
 
     Args:
@@ -147,9 +149,9 @@ class HistogramHook:
         self._writer: Any = None
         self._outputs: HistogramOutputs | None = None
 
-    # --- LoopHooks ---------------------------------------------------------------------------------
+    # --- Callback ----------------------------------------------------------------------------------
 
-    def on_step_end(self, state: LoopState, loss: float) -> None:
+    def on_step_end(self, state: LoopState, step: StepOutput) -> None:
         if state.global_step % self.every_steps == 0:
             self.record(state.global_step)
 

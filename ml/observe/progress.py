@@ -1,13 +1,14 @@
-"""A training progress bar (rich) as a :class:`ml.train.loop.LoopHooks`.
+"""A training progress bar (rich) as a :class:`ml.train.loop.Callback`.
 
 ``ProgressHook(total_steps, enabled=cfg.tracking.progress)`` shows the epoch, steps done of
 ``total_steps``, the latest loss, samples/s (steps/s without a ``batch_size``), the latest values of
 ``epoch_metrics``, elapsed and remaining time. It redraws at most ``max_refresh_per_s`` times a
 second, from the training thread (no refresh thread), and costs one clock read per step between
-redraws. ``enabled``: ``"on"`` always draws, ``"off"`` never, ``"auto"`` only when the stream is a
-terminal. Under :func:`ml.tracking.console.capture_console`, pass ``stream=capture.original("stderr")`` so
-the bar reaches the terminal and stays out of the log. The bar does not redirect ``sys.stdout``:
-prints and log lines still go where they went before.
+redraws. The loss shown is the latest one the loop logged (:meth:`ml.train.loop.Callback.on_log`),
+so the bar never makes the device wait. ``enabled``: ``"on"`` always draws, ``"off"`` never,
+``"auto"`` only when the stream is a terminal. Under :func:`ml.tracking.console.capture_console`,
+pass ``stream=capture.original("stderr")`` so the bar reaches the terminal and stays out of the
+log. The bar does not redirect ``sys.stdout``: prints and log lines still go where they went before.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ml.train.loop import Callback
+
 if TYPE_CHECKING:
-    from ml.train.loop import LoopState
+    from ml.train.loop import LoopState, StepValues
+    from ml.train.step import StepOutput
 
 MODES = ("auto", "on", "off")
 
 
-class ProgressHook:
+class ProgressHook(Callback):
     """See the module docstring.
 
     Args:
@@ -70,12 +74,16 @@ class ProgressHook:
         self._loss = float("nan")
         self._state: LoopState | None = None
 
-    # --- LoopHooks ---------------------------------------------------------------------------------
+    # --- Callback ----------------------------------------------------------------------------------
 
-    def on_step_end(self, state: LoopState, loss: float) -> None:
+    def on_log(self, state: LoopState, values: Sequence[StepValues]) -> None:
+        if values:
+            self._loss = values[-1].loss
+
+    def on_step_end(self, state: LoopState, step: StepOutput) -> None:
         if not self.active:
             return
-        self._loss, self._state = loss, state
+        self._state = state
         now = self.clock()
         if self._last_draw is not None and now - self._last_draw < self.interval_s:
             return

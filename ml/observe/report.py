@@ -12,7 +12,10 @@ every input that is missing:
   ``compute_s``, ``wall_s`` (seconds summed over the steps);
 - ``checkpoints``: ``ml.checkpoint.manager.SaveStats`` records (or mappings with ``blocking_s``,
   ``background_s``, ``bytes_written``), or one mapping of totals with ``saves`` besides those keys;
-- ``anomalies``: ``ml.observe.anomaly.AnomalyEvent`` records or mappings with the same fields.
+- ``anomalies``: ``ml.observe.anomaly.AnomalyEvent`` records or mappings with the same fields;
+- ``stop_reason``: why training stopped before its last epoch (``LoopState.stop_reason``), if it did.
+
+Which way a metric improves comes from the one table in :mod:`ml.metrics`.
 
 The rules are in :func:`recommendations`; each has a stable id and a threshold constant below.
 """
@@ -26,14 +29,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ml.metrics import direction
+
 DATA_WAIT_SHARE = 0.30        # data wait above this share of step time: bound by data loading
 MEMORY_HEADROOM_SHARE = 0.50  # peak memory below this share of the total: a larger batch may fit
 CHECKPOINT_BLOCKING_SHARE = 0.05  # checkpoint blocking above this share of step time: save less often
 FLAT_TOLERANCE = 0.01         # a trend moving less than this share of its level over the window is flat
 MAX_ANOMALY_ROWS = 20
-
-_MIN_HINTS = ("loss", "error", "mse", "mae", "rmse", "perplexity", "_ms", "wait")
-
+EARLY_STOPPING_PREFIX = "early stopping"  # how ml.train.callbacks.EarlyStopping's stop reasons begin
 
 @dataclass(frozen=True)
 class Recommendation:
@@ -58,10 +61,8 @@ class MetricSummary:
 
 
 def metric_mode(name: str) -> str:
-    """``"min"`` for names that read as a cost (loss, error, mse, mae, perplexity, ``*_ms``, wait),
-    else ``"max"``."""
-    lowered = name.lower()
-    return "min" if any(hint in lowered for hint in _MIN_HINTS) else "max"
+    """``"min"`` or ``"max"``: :func:`ml.metrics.direction`, the pipeline's one table."""
+    return direction(name)
 
 
 def slope(values: Sequence[float]) -> float:
@@ -174,7 +175,8 @@ def _checkpoints(checkpoints: Any) -> dict[str, float] | None:
 
 def recommendations(history: Sequence[Mapping[str, Any]] = (), *, resources: Mapping[str, float] | None = None,
                     timing: Any = None, checkpoints: Any = None, anomalies: Iterable[Any] | None = None,
-                    modes: Mapping[str, str] | None = None, trend_window: int = 5) -> list[Recommendation]:
+                    stop_reason: str | None = None, modes: Mapping[str, str] | None = None,
+                    trend_window: int = 5) -> list[Recommendation]:
     """The rules, in a fixed order; a rule whose inputs are missing stays silent.
 
     - ``data_bound``: data wait > :data:`DATA_WAIT_SHARE` of data wait + compute.
@@ -183,7 +185,7 @@ def recommendations(history: Sequence[Mapping[str, Any]] = (), *, resources: Map
     - ``overfitting``: over the last ``trend_window`` epochs ``val_loss`` worsens while ``train_loss``
       improves.
     - ``still_improving``: ``val_loss`` still improving over the last ``trend_window`` epochs.
-    - ``plateau``: a plateau anomaly (no improvement for ``patience`` evaluations).
+    - ``early_stopped``: early stopping ended training (the metric stopped improving).
     - ``unstable``: non-finite loss, exploding gradient or loss spike anomalies.
     - ``checkpoint_blocking``: checkpoint blocking time > :data:`CHECKPOINT_BLOCKING_SHARE` of step time.
     """
@@ -227,12 +229,13 @@ def recommendations(history: Sequence[Mapping[str, Any]] = (), *, resources: Map
             "still_improving", f"val_loss was still improving over the last {trend_window} epochs",
             "training may not have converged: more epochs may help"))
 
+    if stop_reason and stop_reason.startswith(EARLY_STOPPING_PREFIX):
+        out.append(Recommendation(
+            "early_stopped", stop_reason,
+            "the final weights are the last epoch's, not the best one's (the best_<metric> milestone checkpoint "
+            "holds those); lower the learning rate or decay it on plateau to get further"))
     events = list(anomalies or [])
     kinds = Counter(_field(e, "kind") for e in events)
-    if kinds.get("plateau"):
-        out.append(Recommendation(
-            "plateau", f"{kinds['plateau']} no-improvement event(s): the watched metric stopped improving",
-            "lower the learning rate (or decay it on plateau), or stop earlier (fewer epochs, early stopping)"))
     unstable = {k: kinds[k] for k in ("nonfinite_loss", "exploding_gradient", "loss_spike") if kinds.get(k)}
     if unstable:
         found = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in unstable.items())
@@ -333,10 +336,10 @@ def _resource_rows(resources: Mapping[str, float]) -> list[list[str]]:
 
 def summary_report(history: Sequence[Mapping[str, Any]] = (), *, resources: Mapping[str, float] | None = None,
                    timing: Any = None, checkpoints: Any = None, anomalies: Iterable[Any] | None = None,
-                   modes: Mapping[str, str] | None = None, trend_window: int = 5,
+                   stop_reason: str | None = None, modes: Mapping[str, str] | None = None, trend_window: int = 5,
                    title: str = "Training summary") -> str:
     """The run as Markdown: metrics (best with its epoch/step, first, last, trend), resource peaks,
-    step timing, checkpoint saves, anomalies and recommendations. Sections whose input is missing
+    step timing, checkpoint saves, anomalies, why training stopped early and recommendations. Sections whose input is missing
     or empty are left out; the recommendations section is always there.
 
     Args:
@@ -399,9 +402,12 @@ def summary_report(history: Sequence[Mapping[str, Any]] = (), *, resources: Mapp
                 lines.append(f"\n… and {len(events) - MAX_ANOMALY_ROWS} more (see the events artifact).")
             lines.append("")
 
+    if stop_reason:
+        lines += ["## Stopped early", "", stop_reason, ""]
+
     lines += ["## Recommendations", ""]
     found = recommendations(history, resources=resources, timing=timing, checkpoints=checkpoints, anomalies=events,
-                            modes=modes, trend_window=trend_window)
+                            stop_reason=stop_reason, modes=modes, trend_window=trend_window)
     if found:
         lines += [f"- **{r.rule}**: {r.finding}. {r.advice[0].upper() + r.advice[1:]}." for r in found]
     else:

@@ -4,7 +4,7 @@ import re
 import pytest
 from rich.console import Console
 
-from ml.train.loop import LoopState
+from ml.train.loop import LoopState, StepValues
 from ml.observe.progress import ProgressHook
 
 
@@ -30,7 +30,8 @@ def run_epochs(hook, epochs=2, steps_per_epoch=8, metrics=None):
         for b in range(steps_per_epoch):
             state.global_step += 1
             state.batch_in_epoch = b + 1
-            hook.on_step_end(state, float(state.global_step))
+            hook.on_log(state, [StepValues(state.global_step, epoch + 1, float(state.global_step), 1.0)])
+            hook.on_step_end(state, None)
         state.epoch += 1
         state.batch_in_epoch = 0
         hook.on_epoch_end(state, metrics or {"val_loss": 0.25 / (epoch + 1), "val_accuracy": 0.5 + 0.1 * epoch})
@@ -104,7 +105,8 @@ def test_close_is_idempotent_and_stops_drawing():
     run_epochs(hook, epochs=1, steps_per_epoch=4)
     size = len(buffer.getvalue())
     hook.close()
-    hook.on_step_end(LoopState(global_step=5), 1.0)
+    hook.on_log(LoopState(global_step=5), [StepValues(5, 2, 1.0, 1.0)])
+    hook.on_step_end(LoopState(global_step=5), None)
     assert len(buffer.getvalue()) == size and not hook.active
 
 

@@ -100,14 +100,15 @@ def test_epoch_rules(train, val, expected):
     assert rules(history=history(train, val)) == expected
 
 
-def test_anomaly_rules():
-    events = [AnomalyEvent("plateau", 50, 5, 0.5, 0.4, "m"),
-              {"kind": "loss_spike", "step": 7, "epoch": 1, "value": 9.0, "threshold": 6.0, "message": "m"}]
-    found = {r.rule: r for r in recommendations(anomalies=events)}
-    assert set(found) == {"plateau", "unstable"}
-    assert "lower the learning rate" in found["plateau"].advice
+def test_anomaly_and_early_stopping_rules():
+    events = [{"kind": "loss_spike", "step": 7, "epoch": 1, "value": 9.0, "threshold": 6.0, "message": "m"}]
+    reason = "early stopping: val_loss has not improved on 0.4 (epoch 3) for 2 epochs"
+    found = {r.rule: r for r in recommendations(anomalies=events, stop_reason=reason)}
+    assert set(found) == {"early_stopped", "unstable"}
+    assert found["early_stopped"].finding == reason and "lower the learning rate" in found["early_stopped"].advice
     assert found["unstable"].finding == "training was unstable: 1 loss spike event(s)"
     assert rules(anomalies=[]) == []
+    assert rules(stop_reason="anomaly loss_spike: ...") == []   # an anomaly stop is reported by its own rule
 
 
 @pytest.mark.parametrize("checkpoints, fires", [
@@ -147,11 +148,12 @@ def test_full_report_structure():
                    "memory_total_mb": 16000.0},
         timing=StepTiming(steps=100, samples=6400, data_s=4.0, compute_s=6.0, wall_s=10.0),
         checkpoints=[{"blocking_s": 0.4, "background_s": 2.0, "bytes_written": 1.5e9}] * 2,
-        anomalies=[AnomalyEvent("plateau", 60, 6, 0.75, 0.5, "val_loss has not improved | at all")],
+        anomalies=[AnomalyEvent("loss_spike", 60, 6, 7.5, 6.0, "loss 3 at step 60 | above the median")],
+        stop_reason="early stopping: val_loss has not improved on 0.5 (epoch 1) for 5 epochs",
         title="Run abc")
     assert md.startswith("# Run abc\n")
     assert sections(md) == ["Metrics", "Resources (peaks)", "Step timing", "Checkpoints", "Anomalies",
-                            "Recommendations"]
+                            "Stopped early", "Recommendations"]
     assert "| val_loss ↓ | 0.5 | 1 | 10 | 0.5 | 0.75 | worsening |" in md
     assert "| val_accuracy ↑ | 0.85 | 6 | 60 | 0.5 | 0.85 | improving |" in md
     assert "| process RSS | 512 MB | 3% of 16000 MB |" in md
@@ -160,9 +162,9 @@ def test_full_report_structure():
     assert "| mean step time | 100 ms |" in md and "| throughput | 640 samples/s |" in md
     assert "| data wait | 4 s (40%) |" in md
     assert "| written | 3 GB |" in md and "| blocking share of step time | 8.0% |" in md
-    assert "val_loss has not improved \\| at all" in md          # pipes in messages do not break the table
+    assert "loss 3 at step 60 \\| above the median" in md      # pipes in messages do not break the table
     recommendations_part = md.split("## Recommendations")[1]
-    for rule in ("data_bound", "memory_headroom", "overfitting", "plateau", "checkpoint_blocking"):
+    for rule in ("data_bound", "memory_headroom", "overfitting", "early_stopped", "unstable", "checkpoint_blocking"):
         assert f"- **{rule}**:" in recommendations_part
     # every table row has as many cells as its header
     for block in re.findall(r"(?:^\|.*\|\n)+", md, flags=re.MULTILINE):
