@@ -7,10 +7,12 @@ with. The decision itself is :func:`registry.approval.is_better_than_champion`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ml.data.contract import ContractError, signature_difference
 from ml.errors import RegistryError
 from registry.approval import CHAMPION, is_better_than_champion
 from registry.store import champion
@@ -19,6 +21,7 @@ PASSED = "passed"
 FAILED = "failed"
 NO_CHAMPION = "no_champion"
 INCOMPARABLE = "incomparable"
+SIGNATURE_TAG = "input_signature"  # JSON of ml.data.contract.ContractSpec.signature(), set at register
 
 
 @dataclass(frozen=True)
@@ -50,28 +53,14 @@ class ChampionComparison:
         return tags
 
 
-def predict_classes(model: Any, x: Any, batch_size: int = 1024) -> Any:
-    """Class indices from a registered torch model: an ``nn.Module`` (MLflow's pickle format) or a
-    ``torch.export`` program (MLflow's default pt2 format, which keeps the mode it was exported in
-    and refuses ``eval()``)."""
-    import numpy as np
-    import torch
-
-    try:
-        model.eval()
-    except NotImplementedError:
-        pass
-    with torch.no_grad():
-        out = [model(torch.from_numpy(x[i:i + batch_size])).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
-
-
 def accuracy_on_test_split(model: Any, processed_dir: str | Path) -> float:
-    """Accuracy of a torch classifier on the test split of ``processed_dir``."""
+    """Accuracy of a torch classifier (any form MLflow loads, see :mod:`ml.model.predict`) on the
+    test split of ``processed_dir``."""
     from ml.data.prepare import load_split
+    from ml.model.predict import inference_model, predict
 
     x_test, y_test = load_split(processed_dir, "test")
-    return float((predict_classes(model, x_test) == y_test).mean()) if len(y_test) else 0.0
+    return float((predict(inference_model(model), x_test).classes == y_test).mean()) if len(y_test) else 0.0
 
 
 def load_registered_model(name: str, version: str) -> Any:
@@ -88,23 +77,38 @@ def load_registered_model(name: str, version: str) -> Any:
 
 
 def compare_with_champion(client: Any, name: str, challenger_accuracy: float, processed_dir: str | Path,
-                          min_delta: float, alias: str = CHAMPION) -> ChampionComparison:
+                          min_delta: float, alias: str = CHAMPION, *, signature: dict[str, Any] | None = None,
+                          allow_breaking_change: bool = False) -> ChampionComparison:
     """Scores the version holding ``alias`` on the test split and applies the gate.
 
-    No champion: the gate passes (nothing to beat). A champion that cannot score these rows (the
-    feature set changed, so its input layer does not fit) passes as ``incomparable``: there is no
-    common test set, and the approver sees that verdict on the version.
+    No champion: the gate passes (nothing to beat). The labels of the test split are indices into
+    the data contract's class list, the mapping the champion was trained under when its input
+    ``signature`` (feature names, order, dtypes and class list) equals the challenger's. A champion
+    whose signature differs, or that cannot score these rows, raises :class:`ContractError` naming
+    why, never a low score; with ``allow_breaking_change`` the gate passes as ``incomparable`` and
+    the approver sees that verdict on the version.
     """
     current = champion(client, name, alias)
     if current is None:
         return ChampionComparison(NO_CHAMPION, f"model {name!r} has no {alias} yet", challenger_accuracy)
+    recorded = current.tags.get(SIGNATURE_TAG)
+    difference = signature_difference(json.loads(recorded), signature) if recorded and signature else None
+    if difference:
+        if not allow_breaking_change:
+            raise ContractError(f"not a challenger of {name} v{current.version}: {difference}; a deliberate schema "
+                                "change needs register.allow_breaking_change: true")
+        return ChampionComparison(INCOMPARABLE, f"breaking change from champion v{current.version}: {difference}",
+                                  challenger_accuracy, current.version)
     model = load_registered_model(name, current.version)
     try:
         champion_accuracy = accuracy_on_test_split(model, processed_dir)
     # a shape mismatch: eager modules raise RuntimeError, torch.export programs fail a shape guard
     except (RuntimeError, AssertionError) as exc:
-        return ChampionComparison(INCOMPARABLE, f"champion v{current.version} cannot score this test set "
-                                  f"({str(exc).splitlines()[0][:200]})", challenger_accuracy, current.version)
+        why = f"champion {name} v{current.version} cannot score the test split of {processed_dir} " \
+              f"({str(exc).splitlines()[0][:200]})"
+        if not allow_breaking_change:
+            raise ContractError(why) from None
+        return ChampionComparison(INCOMPARABLE, why, challenger_accuracy, current.version)
     passed, why = is_better_than_champion(challenger_accuracy, champion_accuracy, current.version, min_delta)
     return ChampionComparison(PASSED if passed else FAILED, why, challenger_accuracy, current.version,
                               champion_accuracy, challenger_accuracy - champion_accuracy)

@@ -12,7 +12,8 @@ import pandas as pd
 from ml.config import EvaluateConfig
 from ml.data.prepare import Schema, load_split
 from ml.io import atomic_write, atomic_write_json
-from ml.model.architectures import load_model, predict
+from ml.model.predict import predict
+from ml.model.serialization import load_model
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, processed_dir: str | Pa
     """The evaluate stage: the trained model on the test split; writes metrics, predictions and the PNG."""
     schema = Schema.read(processed_dir)
     x_test, y_test = load_split(processed_dir, "test")
-    y_pred = predict(load_model(model_dir), x_test)
+    y_pred = predict(load_model(model_dir), x_test).classes
     evaluation = classification_metrics(y_test, y_pred, list(schema.classes))
     atomic_write_json(cfg.metrics_file, {**evaluation.metrics, "confusion_matrix": evaluation.confusion,
                                          "labels": evaluation.labels})
