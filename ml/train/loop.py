@@ -24,7 +24,9 @@ class LoopState:
     already consumed. ``epoch_generator_state`` is the shuffling RNG as it was when the epoch began,
     so the same permutation can be drawn again on resume. ``epoch_sums`` holds the running sums of the
     epoch in progress on the training device (summed loss, correct predictions, samples), from
-    which the epoch's ``train_loss`` and ``train_accuracy`` come."""
+    which the epoch's ``train_loss`` and ``train_accuracy`` come. ``unlogged`` holds the steps not yet
+    logged (step, epoch, loss and grad norm as a device tensor of two), so a checkpoint taken
+    between logging intervals still logs them, and hands them to the hooks, after a resume."""
 
     epoch: int = 0
     global_step: int = 0
@@ -34,6 +36,7 @@ class LoopState:
     stop: bool = False
     stop_reason: str | None = None
     epoch_sums: torch.Tensor | None = None
+    unlogged: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     timing: StepTiming = field(default_factory=lambda: StepTiming())
 
     def state_dict(self) -> dict[str, Any]:
@@ -42,7 +45,9 @@ class LoopState:
         return {"epoch": self.epoch, "global_step": self.global_step, "batch_in_epoch": self.batch_in_epoch,
                 "epoch_generator_state": self.epoch_generator_state,
                 "history": [dict(h) for h in self.history], "stop": self.stop, "stop_reason": self.stop_reason,
-                "epoch_sums": self.epoch_sums}
+                "epoch_sums": self.epoch_sums,
+                "unlogged": {"steps": [s for s, _, _ in self.unlogged], "epochs": [e for _, e, _ in self.unlogged],
+                             "values": torch.stack([v for _, _, v in self.unlogged]) if self.unlogged else None}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
@@ -52,6 +57,9 @@ class LoopState:
         self.stop = state["stop"]
         self.stop_reason = state.get("stop_reason")
         self.epoch_sums = state.get("epoch_sums")
+        unlogged = state.get("unlogged")
+        self.unlogged = (list(zip(unlogged["steps"], unlogged["epochs"], unlogged["values"]))
+                         if unlogged and unlogged["steps"] else [])
 
 
 @dataclass
@@ -177,7 +185,7 @@ def fit(
     n = len(x_train)
     per_epoch = batches_per_epoch(n, batch_size)
     clock = _StepClock(x_train.device)
-    pending: list[tuple[int, int, StepOutput]] = []
+    state.unlogged = [(s, e, v.to(x_train.device)) for s, e, v in state.unlogged]
     for hook in hooks:
         hook.on_train_start(state)
     while state.epoch < epochs and not state.stop:
@@ -213,15 +221,15 @@ def fit(
             log("train/step_ms", 1000 * wall_s, step)
             log("train/samples_per_s", out.samples / wall_s if wall_s else 0.0, step)
             log("train/data_wait_ms", 1000 * data_s, step)
-            pending.append((step, state.epoch + 1, out))
-            if len(pending) >= log_every_steps or state.batch_in_epoch == per_epoch:
-                _log_steps(pending, tracker, hooks, state)
+            state.unlogged.append((step, state.epoch + 1, torch.stack((out.loss.float(), out.grad_norm.float()))))
+            if len(state.unlogged) >= log_every_steps or state.batch_in_epoch == per_epoch:
+                _log_steps(tracker, hooks, state)
             for hook in hooks:
                 hook.on_step_end(state, out)
             if state.stop:
                 break
-        if pending:  # stopped between logging intervals
-            _log_steps(pending, tracker, hooks, state)
+        if state.unlogged:  # stopped between logging intervals
+            _log_steps(tracker, hooks, state)
         if state.stop and state.batch_in_epoch < per_epoch:
             break
         metrics = {**_train_means(sums), **_prefixed(evaluate_split(model, *val), "val_")}
@@ -236,13 +244,12 @@ def fit(
     return state
 
 
-def _log_steps(pending: list[tuple[int, int, StepOutput]], tracker: Tracker, hooks: Sequence[Callback],
-               state: LoopState) -> None:
-    """Logs the pending steps' loss and gradient norm and hands them to the hooks' ``on_log``."""
+def _log_steps(tracker: Tracker, hooks: Sequence[Callback], state: LoopState) -> None:
+    """Logs the unlogged steps' loss and gradient norm and hands them to the hooks' ``on_log``."""
     # The one device-to-host transfer per logging interval: a GPU waits here, not at every step.
-    numbers = torch.stack([torch.stack((o.loss.float(), o.grad_norm.float())) for _, _, o in pending]).tolist()
-    values = [StepValues(step, epoch, loss, norm) for (step, epoch, _), (loss, norm) in zip(pending, numbers)]
-    pending.clear()
+    numbers = torch.stack([v for _, _, v in state.unlogged]).tolist()
+    values = [StepValues(step, epoch, loss, norm) for (step, epoch, _), (loss, norm) in zip(state.unlogged, numbers)]
+    state.unlogged = []
     for v in values:
         tracker.log_metric("train/loss", v.loss, v.step)
         tracker.log_metric("train/grad_norm", v.grad_norm, v.step)

@@ -183,3 +183,50 @@ def test_model_round_trip_through_safetensors(tmp_path):
     x = data(seed=5)[0].numpy()
     assert np.array_equal(predict(inference_model(model), x).classes, predict(loaded, x).classes)
     assert torch.equal(model.mean, loaded.mean)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class SnapshotAndCrash(Callback):
+    """Takes what a checkpoint would at ``step`` (between logging intervals), then ends the process."""
+
+    def __init__(self, step, model, optimizer, generator):
+        self.step, self.model, self.optimizer, self.generator = step, model, optimizer, generator
+
+    def on_step_end(self, state, step):
+        if state.global_step == self.step:
+            self.saved = copy.deepcopy((state.state_dict(), self.model.state_dict(), self.optimizer.state_dict(),
+                                        self.generator.get_state(), torch.get_rng_state()))
+            raise Interrupted
+
+
+def test_steps_not_yet_logged_at_a_checkpoint_are_logged_after_the_resume():
+    train, val = data(), data(seed=1)
+    model, optimizer, generator = setup()
+    straight = Counter()
+    fit(model, optimizer, train, val, epochs=2, batch_size=32, generator=generator, hooks=[straight],
+        log_every_steps=3)
+
+    model2, optimizer2, generator2 = setup()
+    first, crash = Counter(), SnapshotAndCrash(5, model2, optimizer2, generator2)
+    with pytest.raises(Interrupted):
+        fit(model2, optimizer2, train, val, epochs=2, batch_size=32, generator=generator2, hooks=[first, crash],
+            log_every_steps=3)
+    loop, weights, opt, gen, rng = crash.saved
+    assert loop["unlogged"]["steps"] == [4, 5] and loop["unlogged"]["values"].shape == (2, 2)
+
+    model3, optimizer3, generator3 = setup(seed=99)
+    model3.load_state_dict(weights)
+    optimizer3.load_state_dict(opt)
+    generator3.set_state(gen)
+    torch.set_rng_state(rng)
+    state = LoopState()
+    state.load_state_dict(loop)
+    rest = Counter()
+    fit(model3, optimizer3, train, val, epochs=2, batch_size=32, generator=generator3, hooks=[rest], state=state,
+        log_every_steps=3)
+    assert [v.step for v in first.values] == [1, 2, 3]
+    assert first.values + rest.values == straight.values
+    assert rest.calls[:2] == ["start", "log3"]   # steps 4 and 5 and the resumed 6 in one interval
