@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ml.errors import PipelineError
 from ml.metrics import direction
@@ -74,7 +74,7 @@ def metric_identifier(metric: str) -> str:
 def split_and(filter_string: str) -> list[str]:
     """The clauses of a filter at each ``and`` (any case) that is not inside quotes or backquotes."""
     parts, start, quote = [], 0, None
-    for match in re.finditer(r"['\"`]|(?:^|\s+)and(?:\s+|$)", filter_string, re.IGNORECASE):
+    for match in re.finditer(r"['\"`]|(?<!\S)and(?!\S)", filter_string, re.IGNORECASE):
         token = match.group()
         if len(token) == 1:
             quote = token if quote is None else (None if token == quote else quote)
@@ -85,9 +85,17 @@ def split_and(filter_string: str) -> list[str]:
     return parts
 
 
-def param_comparisons(user_filter: str | None) -> tuple[str, list[tuple[str, str, float]]]:
-    """Splits ``user_filter`` into what MLflow can evaluate and the numeric param comparisons it cannot
-    (``(name, operator, number)``, e.g. ``("lr", "<", 0.01)`` for ``params.lr < 0.01``)."""
+class ParamComparison(NamedTuple):
+    """A clause MLflow cannot evaluate: a param compared with a number (``params.lr < 0.01``)."""
+
+    name: str
+    op: str
+    number: float
+    clause: str
+
+
+def param_comparisons(user_filter: str | None) -> tuple[str, list[ParamComparison]]:
+    """Splits ``user_filter`` into what MLflow can evaluate and the numeric param comparisons it cannot."""
     if not user_filter or not user_filter.strip():
         return "", []
     kept, numeric = [], []
@@ -96,15 +104,15 @@ def param_comparisons(user_filter: str | None) -> tuple[str, list[tuple[str, str
             raise PipelineError(f"--filter {user_filter!r}: expected a clause on each side of every 'and'")
         match = _PARAM_NUMBER.match(clause)
         if match:
-            numeric.append((match.group(1).strip('`"'), match.group(2), float(match.group(3))))
+            numeric.append(ParamComparison(match.group(1).strip('`"'), match.group(2), float(match.group(3)), clause))
         else:
             kept.append(clause)
     return " and ".join(kept), numeric
 
 
-def params_match(params: Mapping[str, str], comparisons: Sequence[tuple[str, str, float]]) -> bool:
+def params_match(params: Mapping[str, str], comparisons: Sequence[ParamComparison]) -> bool:
     """Whether every comparison holds; a param that is missing or not a number matches none."""
-    for name, op, number in comparisons:
+    for name, op, number, _ in comparisons:
         try:
             value = float(params[name])
         except (KeyError, ValueError):
@@ -179,7 +187,7 @@ def render_leaderboard(board: Mapping[str, Any], fmt: str, max_params: int = 8) 
         return json.dumps(board, indent=2)
     runs, metric = board["runs"], board["query"]["metric"]
     if not runs:
-        numeric = " and ".join(f"params.{c}" for c in board["query"]["param_comparisons"])
+        numeric = " and ".join(board["query"]["param_comparisons"])
         return f"no runs match (filter: {' and '.join(filter(None, [board['query']['filter'], numeric])) or 'none'})"
     params = varying_params(runs)[:max_params]
     header = ["rank", "run_id", "run_name", "experiment", "status", "started (UTC)", metric,
@@ -325,7 +333,7 @@ def leaderboard_record(client: Any, experiments: Mapping[str, str], metric: str,
             break
     return {"query": {"experiments": sorted(experiments.values()), "metric": metric,
                       "direction": direction(metric), "filter": filter_string, "order_by": order,
-                      "param_comparisons": [" ".join(map(str, c)) for c in numeric], "top": top},
+                      "param_comparisons": [c.clause for c in numeric], "top": top},
             "runs": ranked[:top]}
 
 
