@@ -188,8 +188,8 @@ def test_background_retry_replays_after_the_store_comes_back(spool):
     buffer.flush()
     store.down = False
 
-    wait_until(lambda: buffer.counters().replayed == 20)
-    assert buffer.counters().spool_backlog == 0
+    # the replayed count grows before the spool's offset is made durable: wait for both
+    wait_until(lambda: (buffer.counters().replayed, buffer.counters().spool_backlog) == (20, 0))
     buffer.close()
     assert as_triples(store.records) == logged
 
@@ -355,13 +355,19 @@ def test_sampler_logs_host_readings_with_steps_and_keeps_peaks(monkeypatch):
 def test_sampler_reports_missing_nvml_once_and_survives_a_failing_log(monkeypatch, caplog):
     no_nvml(monkeypatch)
 
+    failed_steps: set[int] = set()
+    sampled_again = threading.Event()
+
     def broken_log(key, value, step):
+        failed_steps.add(step)
+        if len(failed_steps) >= 3:  # the sampler went on after two failed samples
+            sampled_again.set()
         raise RuntimeError("sink gone")
 
     with caplog.at_level(logging.INFO, logger="ml.tracking.system"):
         sampler = SystemMetricsSampler(broken_log, interval_s=0.01)
         sampler.start()
-        time.sleep(0.05)
+        assert sampled_again.wait(timeout=30), f"the sampler stopped after samples {sorted(failed_steps)}"
         assert sampler._thread.is_alive()
         sampler.stop()
 
