@@ -14,8 +14,8 @@ run's params and final metrics and the metric histories (``MlflowClient.get_metr
 draws the curves of all runs into one PNG.
 
 The tables are written here: none of the project's dependencies writes both an aligned text table
-and a Markdown one, and each is a few lines. Both commands stay in one module (a little over 400
-lines) because they share the run records, the renderers and the MLflow error handling.
+and a Markdown one, and each is a few lines. Both commands stay in one module (over 400 lines)
+because they share the run records, the renderers and the MLflow error handling.
 """
 
 from __future__ import annotations
@@ -279,7 +279,8 @@ def resolve_experiments(client: Any, names: Sequence[str] | None) -> dict[str, s
                 experiment = None
         if experiment is None:
             known = sorted(e.name for e in client.search_experiments())
-            raise PipelineError(f"--experiment {name}: no such experiment; expected one of {', '.join(known) or '(none)'}")
+            raise PipelineError(f"--experiment {name}: no such experiment; expected one of "
+                                f"{', '.join(known) or '(none)'}")
         found[experiment.experiment_id] = experiment.name
     return found
 
@@ -370,9 +371,12 @@ def curve_keys(runs: Sequence[Any], chosen: Sequence[str] | None) -> list[str]:
     return common
 
 
-def metric_histories(client: Any, runs: Sequence[Any], keys: Sequence[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+Curves = dict[str, dict[str, list[tuple[int, float]]]]
+
+
+def metric_histories(client: Any, runs: Sequence[Any], keys: Sequence[str]) -> Curves:
     """``{key: {run_id: [(step, value), ...]}}`` in step order, for the runs that logged each key."""
-    histories: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    histories: Curves = {}
     for key in keys:
         histories[key] = {}
         for run in runs:
@@ -428,7 +432,8 @@ def _top(value: str) -> int:
     from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 
     if not value.isdigit() or not 1 <= int(value) <= SEARCH_MAX_RESULTS_THRESHOLD:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {SEARCH_MAX_RESULTS_THRESHOLD}, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {SEARCH_MAX_RESULTS_THRESHOLD}, "
+                                         f"got {value!r}")
     return int(value)
 
 

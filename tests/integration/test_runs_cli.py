@@ -150,7 +150,8 @@ def test_numeric_param_comparisons_are_applied_to_mlflows_ranking(store, capsys)
     assert ranked("--filter", "params.lr >= 0.005 and params.optimizer = 'sgd'") == ["d", "a"]
     assert ranked("--filter", "params.lr = 1e-3") == ["b"]
     assert ranked("--filter", "params.lr > 1") == []
-    board = leaderboard(store, capsys, "--experiment", "board", "--filter", "params.lr < 0.01 and metrics.val_accuracy > 0.9")
+    board = leaderboard(store, capsys, "--experiment", "board",
+                        "--filter", "params.lr < 0.01 and metrics.val_accuracy > 0.9")
     assert board["query"]["filter"] == "metrics.val_accuracy > 0.9"
     assert board["query"]["param_comparisons"] == ["params.lr < 0.01"]
 

@@ -152,7 +152,8 @@ def test_leaderboard_renders_as_json_markdown_and_text_with_the_params_that_vary
 
 def test_comparison_rows_show_what_differs_first_and_the_rest_only_with_all():
     runs = [{"params": {"lr": "0.1", "bs": "64"}, "metrics": {"acc": 0.8, "loss": 0.5, "system/cpu": 10.0}},
-            {"params": {"lr": "0.01", "bs": "64", "seed": "3"}, "metrics": {"acc": 0.9, "loss": 0.5, "system/cpu": 20.0}}]
+            {"params": {"lr": "0.01", "bs": "64", "seed": "3"},
+             "metrics": {"acc": 0.9, "loss": 0.5, "system/cpu": 20.0}}]
     differing = cli_runs.comparison_rows(runs, include_all=False)
     assert [(r["key"], r["values"]) for r in differing] == [
         ("params.lr", ["0.1", "0.01"]), ("params.seed", [None, "3"]), ("metrics.acc", [0.8, 0.9])]
@@ -180,6 +181,16 @@ def test_comparison_text_names_each_run_and_json_keeps_the_png_path():
     assert lines[4].split() == ["params.lr", "0.1", "0.01"] and lines[5].split() == ["params.bs", "(same)", "64", "64"]
     assert lines[-1] == "curves: out/c.png (val_loss)"
     assert json.loads(cli_runs.render_comparison(report, "json")) == report
+
+
+def test_a_run_given_twice_is_one_line_naming_it_before_the_store_is_asked():
+    with pytest.raises(PipelineError, match=r"^run abc: given more than once; expected distinct run ids$"):
+        cli_runs.get_runs(None, ["abc", "def", "abc"])
+
+
+def test_json_has_no_nan_or_infinity():
+    assert [cli_runs.json_value(v) for v in (float("nan"), float("inf"), -float("inf"), 0.5, "x")] == \
+        ["nan", "inf", "-inf", 0.5, "x"]
 
 
 def test_curves_figure_has_one_subplot_per_metric_and_one_line_per_run_that_logged_it():
