@@ -42,9 +42,10 @@ def setup_project(directory: Path) -> tuple[str, str, Path]:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update({"epochs": 5, "hidden_sizes": [128, 64]})
     params["register"]["min_test_accuracy"] = 0.5
-    params["tracking"]["uri"] = f"sqlite:///{directory / 'mlflow.db'}"
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
     params_path = directory / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    (directory / "settings.yaml").write_text(yaml.safe_dump({"tracking": {"uri": uri}}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "GX_ANALYTICS_ENABLED": "false",
            "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
     for stage in STAGES:
@@ -57,7 +58,6 @@ def setup_project(directory: Path) -> tuple[str, str, Path]:
 
     from registry import store
 
-    uri = params["tracking"]["uri"]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = params["register"]["model_name"]
     store.decide(client, name, version, "Approved", "benchmark", "benchmark run", allow_self_approval=True)
@@ -87,7 +87,8 @@ def example_rows(uri: str, name: str, version: str, count: int = 64) -> list[lis
 
 
 def start_ours(uri: str, name: str, alias: str, params_path: Path, port: int, log: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "mlops.cli", "--params", str(params_path), "--tracking-uri", uri, "serve",
+    args = [sys.executable, "-m", "mlops.cli", "--params", str(params_path),
+            "--settings", str(params_path.parent / "settings.yaml"), "--tracking-uri", uri, "serve",
             "--name", name, "--alias", alias, "--port", str(port), "--endpoint", "benchmark"]
     return services.start_server(args, f"http://127.0.0.1:{port}/health", 120, log=log, cwd=params_path.parent,
                                  env={"PYTHONPATH": str(REPO)})
@@ -221,8 +222,8 @@ def main() -> None:
             uri, name = args.tracking_uri, args.model
             params_path = work / "params.yaml"
             params = yaml.safe_load(Path(args.params or REPO / "params.yaml").read_text())
-            params["serve"]["records_dir"] = str(work / "deployments")
             params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+            (work / "settings.yaml").write_text(yaml.safe_dump({"serve": {"records_dir": str(work / "deployments")}}))
         else:
             print("setting up a project (training, registration, approval, promotion) ...", flush=True)
             uri, name, params_path = setup_project(work)

@@ -153,7 +153,7 @@ def main() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     from mlops.services import free_port, start_mlflow, stop
-    from ml.config import TrackingConfig
+    from ml.settings import TrackingConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from deploy.records import DeploymentRecord, append_record, check_endpoint_name, utc_now
-from ml.config import ServeConfig
+from ml.settings import ServeConfig
 from ml.errors import ConfigError, RegistryError
 
 try:

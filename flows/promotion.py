@@ -1,6 +1,6 @@
 """The promotion flow: wait for a person's decision on a model version in the registry, then act.
 
-    python -m flows.promotion --model NAME --version V [--params params.yaml]
+    python -m flows.promotion --model NAME --version V [--settings settings.yaml]
     (exit status 0 when promoted, 1 when rejected or timed out)
 
 The registry is the single source of truth. The flow polls the version's approval status every
@@ -32,7 +32,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from ml.config import load_params
+from ml.settings import load_settings
 from ml.errors import ConfigError, cli_errors
 from registry import actions, store
 from registry.approval import APPROVED, PENDING, REJECTED
@@ -77,19 +77,20 @@ def _last_event(record: Any) -> str:
 
 
 @flow(name="promotion", log_prints=True)
-def promotion(model_name: str, version: str, params_path: str = "params.yaml",
+def promotion(model_name: str, version: str, settings_path: str | None = None,
               tracking_uri: str | None = None) -> Any:
     """Waits for the approval of ``model_name`` ``version`` and promotes it when it is approved.
 
     Returns a Completed state named Promoted, Rejected or TimedOut whose result is a dict with
     ``outcome``, ``model_name``, ``version``, ``status``, ``alias`` and ``previous`` (the version the
-    alias pointed at before, when promoted).
+    alias pointed at before, when promoted). ``settings_path``: the runtime settings file
+    (default: settings.yaml of the working directory, or $MLOPS_SETTINGS).
     """
     from prefect.runtime import flow_run
     from prefect.states import Completed
 
-    params = load_params(params_path)
-    cfg, uri = params.promotion, tracking_uri or params.tracking.uri
+    settings = load_settings(settings_path)
+    cfg, uri = settings.promotion, tracking_uri or settings.tracking.uri
     version = str(version)
     print(f"waiting for a decision on {model_name} v{version} (every {cfg.poll_interval_s:g} s, "
           f"at most {cfg.timeout_s:g} s)")
@@ -113,7 +114,7 @@ def promotion(model_name: str, version: str, params_path: str = "params.yaml",
                      data={**result, "outcome": PROMOTED, "status": record.status, "previous": promoted["previous"]})
 
 
-def start_promotion(model_name: str, version: str, params_path: str = "params.yaml",
+def start_promotion(model_name: str, version: str, settings_path: str | None = None,
                     deployment: str = PROMOTION_DEPLOYMENT) -> str | None:
     """Starts a promotion flow run for a freshly registered version when ``promotion.after_training``
     is true; returns its flow run id (None when the setting is off).
@@ -125,11 +126,13 @@ def start_promotion(model_name: str, version: str, params_path: str = "params.ya
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    if not load_params(params_path).promotion.after_training:
+    if not load_settings(settings_path).promotion.after_training:
         return None
+    parameters = {"model_name": model_name, "version": str(version)}
+    if settings_path is not None:
+        parameters["settings_path"] = settings_path
     try:
-        started = run_deployment(deployment, parameters={"model_name": model_name, "version": str(version),
-                                                         "params_path": params_path}, timeout=0)
+        started = run_deployment(deployment, parameters=parameters, timeout=0)
     except ObjectNotFound:
         raise ConfigError(f"promotion.after_training: deployment {deployment!r} not found on the Prefect API; "
                           "apply deploy/prefect.yaml (mlops up) or set promotion.after_training: false") from None
@@ -142,11 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.promotion", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="registered model name")
     parser.add_argument("--version", required=True, help="model version to wait for")
-    parser.add_argument("--params", default="params.yaml", help="params file (promotion and tracking sections)")
+    parser.add_argument("--settings", default=None,
+                        help="runtime settings file, promotion and tracking sections (default: settings.yaml, $MLOPS_SETTINGS)")
     args = parser.parse_args(argv)
-    tracking_uri = load_params(args.params).tracking.uri
+    tracking_uri = load_settings(args.settings).tracking.uri
     store.get_version(actions.registry_client(tracking_uri), args.model, args.version)  # unknown: one line, no flow run
-    state = promotion(args.model, args.version, args.params, return_state=True)
+    state = promotion(args.model, args.version, args.settings, return_state=True)
     if state.is_failed():
         state.result()
     print(state.message)

@@ -42,21 +42,23 @@ def start_pipeline_run(params_path: str) -> Any:
     The flow run gets a link artifact to it, so the Prefect and MLflow UIs point at each other."""
     from ml.config import flatten, load_params
     from ml.provenance import git_info
+    from ml.settings import load_settings
     from ml.tracking.mlflow_tracker import MlflowTracker
     from tasks.entry import flow_run_tags
 
-    params = load_params(params_path)
+    params, settings = load_params(params_path), load_settings()
     git = git_info()
-    tracker = MlflowTracker.start(params.tracking, "pipeline", kind="pipeline", system_metrics=False, tags={
+    tracker = MlflowTracker.start(settings.tracking, "pipeline", kind="pipeline", system_metrics=False, tags={
         "git_commit": git.commit, "git_branch": git.branch, "git_dirty": git.dirty, **flow_run_tags()})
-    tracker.log_params({k: v for section in ("data", "validate", "train", "evaluate", "register", "tracking",
-                                             "anomaly", "checkpoint")
-                        for k, v in flatten(getattr(params, section), f"{section}.").items()})
+    tracker.log_params({**{k: v for section in ("data", "validate", "train", "evaluate", "register", "anomaly")
+                           for k, v in flatten(getattr(params, section), f"{section}.").items()},
+                        **flatten(settings.tracking, "settings.tracking."),
+                        **flatten(settings.checkpoint, "settings.checkpoint.")})
     try:
         from prefect.artifacts import create_link_artifact
 
         create_link_artifact(tracker.url, link_text="MLflow pipeline run", key="mlflow-pipeline-run",
-                             description=f"MLflow run {tracker.run_id} (experiment {params.tracking.experiment})")
+                             description=f"MLflow run {tracker.run_id} (experiment {settings.tracking.experiment})")
     except Exception as exc:  # noqa: BLE001 - outside a flow run there is nothing to attach the link to
         print(f"MLflow run {tracker.url} (no Prefect link: {exc.__class__.__name__})")
     return tracker
@@ -88,7 +90,7 @@ def training_pipeline(params_path: str = "params.yaml", version_data: bool = Tru
         status = "FINISHED"
         # With promotion.after_training, hand the new version to the promotion flow (it waits for
         # the approval in the registry); otherwise this does nothing.
-        start_promotion(registered["model_name"], registered["version"], params_path)
+        start_promotion(registered["model_name"], registered["version"])
     finally:
         pipeline.close(status)
     return {**registered, "pipeline_run_id": parent, "pipeline_run_url": pipeline.url}

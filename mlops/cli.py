@@ -25,14 +25,19 @@ COMMAND_MODULES: tuple[str, ...] = ("mlops.cli_serve", "mlops.cli_lineage", "mlo
 
 
 def tracking_uri(args: argparse.Namespace) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else tracking.uri of the params file."""
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else tracking.uri of the runtime settings."""
     if args.tracking_uri:
         return args.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    from ml.config import load_params
+    return settings(args).tracking.uri
 
-    return load_params(args.params).tracking.uri
+
+def settings(args: argparse.Namespace) -> Any:
+    """The runtime settings: --settings, else $MLOPS_SETTINGS, else settings.yaml (MLOPS_* env on top)."""
+    from ml.settings import load_settings
+
+    return load_settings(getattr(args, "settings", None))
 
 
 def current_user() -> str:
@@ -125,9 +130,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     uri = tracking_uri(args)
     if not uri.startswith(("sqlite:", "postgresql:", "mysql:")):
         raise ConfigError(f"tracking.uri: `mlops up` serves a database store, got {uri!r}")
-    from ml.config import load_params
-
-    artifacts = load_params(args.params).tracking.artifact_root
+    artifacts = settings(args).tracking.artifact_root
     logs = Path(".mlops-logs")
     logs.mkdir(exist_ok=True)
     procs = []
@@ -171,8 +174,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (for tracking.uri)")
-    parser.add_argument("--tracking-uri", help="MLflow store or server (default: tracking.uri of params)")
+    parser.add_argument("--params", default="params.yaml", help="params file (for register.model_name)")
+    parser.add_argument("--settings", help="runtime settings file (default: $MLOPS_SETTINGS, else settings.yaml)")
+    parser.add_argument("--tracking-uri", help="MLflow store or server (default: tracking.uri of the settings)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="MLflow UI on the pipeline's store, Prefect server, deployments and worker")

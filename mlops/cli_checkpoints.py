@@ -6,7 +6,7 @@
     mlops checkpoints export TIER REF --version X.Y.Z --description TEXT --intended-use TEXT
                              --limitations TEXT [--dir D] [--json]
 
-``--dir`` defaults to ``checkpoint.dir`` of the params file (``mlops --params``). REF is a
+``--dir`` defaults to ``checkpoint.dir`` of the runtime settings (``mlops --settings``). REF is a
 checkpoint name, ``latest``, or ``best_<metric>`` (milestone tier).
 """
 
@@ -55,13 +55,13 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _checkpoint_params(args: argparse.Namespace) -> Any:
-    from ml.config import load_params
+    from mlops.cli import settings
 
-    return load_params(args.params).checkpoint
+    return settings(args).checkpoint
 
 
 def checkpoint_root(args: argparse.Namespace) -> Path:
-    """--dir, else checkpoint.dir of the params file; it must exist."""
+    """--dir, else checkpoint.dir of the runtime settings; it must exist."""
     root = Path(args.dir) if args.dir else Path(_checkpoint_params(args).dir)
     if not root.is_dir():
         raise PipelineError(f"--dir {root}: no such directory (expected a checkpoint root with training/, "

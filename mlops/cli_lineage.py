@@ -5,7 +5,7 @@
     mlops lineage model NAME VERSION       model version -> runs -> dataset, and its endpoints
 
 ``--format text|json|mermaid``. Deployment records are read from ``--records-dir`` (default:
-serve.records_dir of the params file).
+serve.records_dir of the runtime settings).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 def records_dir(args: argparse.Namespace) -> str:
     if args.records_dir:
         return args.records_dir
-    from ml.config import load_params
+    from mlops.cli import settings
 
-    return load_params(args.params).serve.records_dir
+    return settings(args).serve.records_dir
 
 
 def cmd_lineage(args: argparse.Namespace) -> None:
@@ -54,5 +54,5 @@ def add_parser(subparsers: Any) -> None:
     model.add_argument("version")
     for sub in (endpoint, dataset, model):
         sub.add_argument("--format", choices=FORMATS, default="text")
-        sub.add_argument("--records-dir", help="deployment records (default: serve.records_dir of --params)")
+        sub.add_argument("--records-dir", help="deployment records (default: serve.records_dir of the settings)")
         sub.set_defaults(func=cmd_lineage)

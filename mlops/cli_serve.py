@@ -1,12 +1,12 @@
 """``mlops serve``: the HTTP endpoint over ``models:/<name>@<alias>``, following the alias.
 
-Defaults come from the params file: the ``serve`` section, and ``register.model_name`` for the model.
+Defaults come from the runtime settings' ``serve`` section, and ``register.model_name`` of the params
+file for the model.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,12 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from deploy.records import check_endpoint_name
     from deploy.serve import serve
-    from ml.config import ServeConfig, build_section, load_params
-    from mlops.cli import tracking_uri
+    from ml.config import build_section, load_params
+    from ml.settings import ServeConfig
+    from mlops.cli import settings, tracking_uri
 
-    params = load_params(args.params)
     overrides = {key: getattr(args, key) for key in ("alias", "host", "port", "endpoint", "poll_interval_s")
                  if getattr(args, key) is not None}
-    cfg = build_section(ServeConfig, "serve", {**asdict(params.serve), **overrides})
+    cfg = build_section(ServeConfig, "serve", {**settings(args).serve.model_dump(), **overrides})
     check_endpoint_name(cfg.endpoint)
-    serve(cfg, tracking_uri(args), args.name or params.register.model_name)
+    serve(cfg, tracking_uri(args), args.name or load_params(args.params).register.model_name)

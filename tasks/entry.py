@@ -37,17 +37,18 @@ def parent_run_id(explicit: str | None = None) -> str | None:
 
 
 @contextmanager
-def stage_run(params: Any, stage: str, *, run_name: str | None = None, parent: str | None = None,
+def stage_run(stage: str, *, tracking: Any = None, run_name: str | None = None, parent: str | None = None,
               tags: Mapping[str, Any] | None = None, system_metrics: bool = False,
               kind: str = "stage") -> Iterator[Any]:
     """An MLflow run for one stage, with the stage's stdout and stderr captured to
     ``console/<stage>.log`` among its artifacts, also when the stage fails (then the run is
-    FAILED and tagged with the error)."""
+    FAILED and tagged with the error). ``tracking`` defaults to the runtime settings' section."""
+    from ml.settings import load_settings
     from ml.tracking.console import capture_console
     from ml.tracking.mlflow_tracker import MlflowTracker
 
-    tracker = MlflowTracker.start(params.tracking, run_name or stage, tags={"stage": stage, **flow_run_tags(),
-                                                                           **(tags or {})},
+    tracking = tracking or load_settings().tracking
+    tracker = MlflowTracker.start(tracking, run_name or stage, tags={"stage": stage, **flow_run_tags(), **(tags or {})},
                                   parent_run_id=parent_run_id(parent), kind=kind, system_metrics=system_metrics)
     log_dir = Path(tempfile.mkdtemp(prefix=f"mlops-{stage}-"))
     log_file = log_dir / f"{stage}.log"

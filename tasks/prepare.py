@@ -15,7 +15,7 @@ from tasks.entry import stage_main, stage_run
 def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
     params = load_params(params_path)
     cfg = params.data
-    with stage_run(params, "prepare", parent=parent_run_id) as tracker:
+    with stage_run("prepare", parent=parent_run_id) as tracker:
         tracker.log_params(flatten(cfg, "data."))
         schema = prepare(cfg)
         summary = {"source": schema.source, "features": len(schema.features), "classes": schema.num_classes,

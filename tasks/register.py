@@ -22,6 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ml.config import load_params
+from ml.settings import load_settings
 from ml.errors import QualityGateFailed
 from ml.io import atomic_write_json, read_json
 from ml.tracking.mlflow_tracker import configure_mlflow
@@ -47,19 +48,20 @@ def refuse(client: Any, run_id: str, why: str, tags: dict[str, str]) -> QualityG
 
 
 def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
-    params = load_params(params_path)
+    params, tracking = load_params(params_path), load_settings().tracking
     trained = read_json(params.train.run_file)
-    with stage_run(params, "register", parent=parent_run_id, tags={"source_run_id": trained["run_id"]}) as tracker:
-        summary = _register(params, trained)
+    with stage_run("register", tracking=tracking, parent=parent_run_id,
+                   tags={"source_run_id": trained["run_id"]}) as tracker:
+        summary = _register(params, trained, tracking)
         tracker.set_tags({"registered_model": summary["model_name"], "registered_version": summary["version"]})
     return summary
 
 
-def _register(params: Any, trained: dict[str, Any]) -> dict[str, Any]:
+def _register(params: Any, trained: dict[str, Any], tracking: Any) -> dict[str, Any]:
     cfg = params.register
     metrics = read_json(params.evaluate.metrics_file)
     run_id = trained["run_id"]
-    client = configure_mlflow(params.tracking)
+    client = configure_mlflow(tracking)
     passed, why = meets_quality_gate(metrics, cfg.min_test_accuracy)
     if not passed:
         raise refuse(client, run_id, why, {"quality_gate": f"failed: {why}"})

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from ml.config import flatten, load_params
 from ml.data.prepare import Schema
 from ml.provenance import dataset_version, git_info
+from ml.settings import load_settings
 from tasks.entry import flow_run_tags, stage_main, stage_run
 
 
@@ -25,7 +26,7 @@ def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> d
     from ml.tracking.mlflow_tracker import MlflowTracker
     from ml.tune.study import STUDY_TAG, StudyContext, adopt_best_trial, open_study, redacted_storage, run_study
 
-    params = load_params(params_path)
+    params, tracking = load_params(params_path), load_settings().tracking
     tune, processed = params.tune, params.data.processed_dir
     schema = Schema.read(processed)
     dataset = dataset_version(processed, schema.source)
@@ -34,7 +35,7 @@ def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> d
               "dataset_md5": dataset.md5, "dataset_source": dataset.source, **flow_run_tags()}
     study = open_study(tune)
     storage = redacted_storage(tune.storage)
-    with stage_run(params, "tune", run_name=f"tune-{tune.study_name}", parent=parent_run_id, kind="tuning",
+    with stage_run("tune", tracking=tracking, run_name=f"tune-{tune.study_name}", parent=parent_run_id, kind="tuning",
                    tags={**shared, STUDY_TAG: tune.study_name, "optuna_storage": storage}) as study_run:
         study_run.log_params({**flatten(tune, "tune."), "tune.storage": storage, **flatten(params.train, "train."),
                               "data.processed_dir": processed})
@@ -42,7 +43,7 @@ def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> d
         study_run.log_dataset(train_frame, dataset, "training")
         example = pd.read_parquet(Path(processed) / "val.parquet").drop(columns=["label"]).head(5)
         context = StudyContext(params, study_run.run_id, dataset, git, train_frame,
-                               example.to_numpy(dtype="float32").copy(), MlflowTracker.start, shared)
+                               example.to_numpy(dtype="float32").copy(), MlflowTracker.start, shared, tracking)
         outcome = run_study(study, context, study_run)
         trained = adopt_best_trial(outcome, params.train, tune, study_run.client)
     return {**outcome.to_dict(), "study_run_id": study_run.run_id, "run_id": trained["run_id"],

@@ -15,7 +15,7 @@ from tasks.entry import stage_main, stage_run
 
 def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
     params = load_params(params_path)
-    with stage_run(params, "validate", parent=parent_run_id) as tracker:
+    with stage_run("validate", parent=parent_run_id) as tracker:
         tracker.log_params(flatten(params.validate, "validate."))
         try:
             report = validate(params.validate, params.data.processed_dir)

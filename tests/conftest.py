@@ -1,5 +1,6 @@
-"""Shared fixtures: a project directory in tmp with a small params.yaml, so each test works on its
-own files and its own MLflow store, with relative paths as a user's checkout has them."""
+"""Shared fixtures: a project directory in tmp with a small params.yaml (and, where a test needs
+other runtime settings than the defaults, a settings.yaml), so each test works on its own files and
+its own MLflow store, with relative paths as a user's checkout has them."""
 
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def small_params(**overrides: dict) -> dict:
 def write_params(directory: Path, params: dict) -> Path:
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def write_settings(directory: Path, **sections: dict) -> Path:
+    """``directory/settings.yaml`` with ``sections`` (section -> {key: value}); every other key keeps
+    its default. Stages run in ``directory`` read it (see ml/settings.py)."""
+    path = directory / "settings.yaml"
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path
 
 

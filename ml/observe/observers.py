@@ -1,8 +1,9 @@
-"""The training observers the train stage attaches to the loop, from params: weight/gradient
+"""The training observers the train stage attaches to the loop, from params and the tracking
+settings (:class:`ml.settings.TrackingConfig`): weight/gradient
 histograms, the anomaly monitor, the progress bar, per-epoch validation confusion matrices, and the
 end-of-run summary report.
 
-    observers = Observers(params, tracker, schema)
+    observers = Observers(params, tracker, schema, settings.tracking)
     result = train(..., hook_factory=observers.hooks)
     observers.close()          # also when training failed: histograms and events are logged
     observers.finish(result)   # summary.md and timing metrics
@@ -59,8 +60,8 @@ class ConfusionPerEpoch:
 class Observers:
     """Builds the observer hooks for one training run and logs what they gathered."""
 
-    def __init__(self, params: Any, tracker: Any, schema: Any) -> None:
-        self.params, self.tracker, self.schema = params, tracker, schema
+    def __init__(self, params: Any, tracker: Any, schema: Any, tracking: Any) -> None:
+        self.params, self.tracker, self.schema, self.tracking = params, tracker, schema, tracking
         self.workdir = Path(tempfile.mkdtemp(prefix="mlops-observers-"))
         self.histograms: Any = None
         self.monitor: Any = None
@@ -72,7 +73,7 @@ class Observers:
         from ml.observe.histograms import HistogramHook, grad_norm
         from ml.observe.progress import ProgressHook
 
-        tracking, train = self.params.tracking, self.params.train
+        tracking, train = self.tracking, self.params.train
         tracker = self.tracker
         hooks: list[Any] = []
         if tracking.histogram_every_steps:

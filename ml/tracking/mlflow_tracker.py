@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ml.config import TrackingConfig
+from ml.settings import TrackingConfig
 
 
 _logger = logging.getLogger(__name__)

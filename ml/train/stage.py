@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ml.config import CheckpointConfig, TrainConfig, flatten
+from ml.config import TrainConfig, flatten
 from ml.data.prepare import Schema, load_split
 from ml.io import atomic_write_json
 from ml.train.loop import LoopHooks, LoopState, fit, record_stop, resolve_device, seed_everything

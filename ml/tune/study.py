@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,8 +86,9 @@ def trial_train_config(trial: Any, base: TrainConfig, cfg: TuneConfig) -> TrainC
     """``base`` with the trial's suggestions, writing weights, run file and metrics under its directory."""
     values = {param.name: suggest(trial, param) for param in cfg.search_space}
     directory = trial_dir(cfg, trial.number)
-    return replace(base, **values, model_dir=str(directory / "model"), run_file=str(directory / "run.json"),
-                   metrics_file=str(directory / "metrics.json"))
+    return base.model_copy(update={**values, "model_dir": str(directory / "model"),
+                                   "run_file": str(directory / "run.json"),
+                                   "metrics_file": str(directory / "metrics.json")})
 
 
 def trial_run_name(number: int, cfg: TrainConfig) -> str:
@@ -165,7 +166,8 @@ def open_study(cfg: TuneConfig) -> Any:
 class StudyContext:
     """What every trial of one invocation shares. ``dataset`` is an :class:`ml.provenance.DatasetVersion`
     and ``git`` a :class:`ml.provenance.GitInfo`; ``start_tracker`` has the signature of
-    :meth:`ml.tracking.mlflow_tracker.MlflowTracker.start`; ``tags`` go on every trial run (git, dataset, flow run)."""
+    :meth:`ml.tracking.mlflow_tracker.MlflowTracker.start`; ``tags`` go on every trial run (git, dataset, flow run);
+    ``tracking`` is the :class:`ml.settings.TrackingConfig` the trial runs are recorded with."""
 
     params: Params
     study_run_id: str
@@ -175,6 +177,7 @@ class StudyContext:
     example: np.ndarray
     start_tracker: Callable[..., Any]
     tags: Mapping[str, Any] = field(default_factory=dict)
+    tracking: Any = None
 
 
 def run_trial(trial: Any, ctx: StudyContext) -> float:
@@ -183,7 +186,7 @@ def run_trial(trial: Any, ctx: StudyContext) -> float:
 
     tune = ctx.params.tune
     cfg = trial_train_config(trial, ctx.params.train, tune)
-    tracker = ctx.start_tracker(ctx.params.tracking, trial_run_name(trial.number, cfg),
+    tracker = ctx.start_tracker(ctx.tracking, trial_run_name(trial.number, cfg),
                                 {**ctx.tags, TRIAL_TAG: trial.number, STUDY_TAG: tune.study_name},
                                 parent_run_id=ctx.study_run_id, kind="trial", system_metrics=False)
     trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
@@ -222,7 +225,7 @@ def _train_trial(trial: Any, cfg: TrainConfig, tracker: Any, ctx: StudyContext) 
         return value  # Optuna records a non-finite value as a failed trial
     model_uri = tracker.log_model(result.model, ctx.example)
     tracker.log_artifacts(cfg.model_dir, WEIGHTS_ARTIFACTS)
-    summary = {"run_id": tracker.run_id, "model_uri": model_uri, "experiment": ctx.params.tracking.experiment,
+    summary = {"run_id": tracker.run_id, "model_uri": model_uri, "experiment": ctx.tracking.experiment,
                "run_url": tracker.url, "parent_run_id": ctx.study_run_id, "dataset": ctx.dataset.to_dict(),
                "git": {"commit": ctx.git.commit, "branch": ctx.git.branch, "dirty": ctx.git.dirty},
                "resume": "", "stopped_early": result.state.stop_reason, "final": result.final_metrics}

@@ -29,9 +29,9 @@ def sh(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedP
 def test_the_lineage_chain_is_complete_after_run_approve_promote_serve(tmp_path):
     project = copy_repo(tmp_path / "repo")
     shrink_params(project)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["serve"]["port"] = 0
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    settings = yaml.safe_load((project / "settings.yaml").read_text())
+    settings["serve"]["port"] = 0
+    (project / "settings.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"]):
         subprocess.run(cmd, cwd=project, check=True, capture_output=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()

@@ -31,6 +31,7 @@ def main() -> None:
     from mlflow import MlflowClient
 
     from ml.config import load_params
+    from ml.settings import load_settings
     from registry import store
     from tasks import evaluate, prepare, register, train
 
@@ -46,7 +47,7 @@ def main() -> None:
         versions.append(summary["version"])
         accuracy[summary["version"]] = summary["test_accuracy"]
     set_seed(params_path, params.train.seed)
-    uri, name = params.tracking.uri, params.register.model_name
+    uri, name = load_settings().tracking.uri, params.register.model_name
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     for version in versions:
         store.decide(client, name, version, "Approved", "tester", "serving test", allow_self_approval=True)

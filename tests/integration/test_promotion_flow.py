@@ -9,14 +9,14 @@ from flows.promotion import PROMOTED, REJECTED_OUTCOME, TIMED_OUT, promotion, st
 from ml.errors import ConfigError, RegistryError
 from registry import actions, store
 from registry.store import VersionRecord
-from tests.conftest import run_module, small_params, write_params
+from tests.conftest import run_module, small_params, write_params, write_settings
 
 MODEL = "digits-classifier"
 
 
-def params(project, **promotion):
-    return small_params(tracking={"uri": f"sqlite:///{project}/mlflow.db"},
-                        promotion={"poll_interval_s": 0.1, "timeout_s": 30.0, **promotion})
+def settings(project, **promotion):
+    return write_settings(project, tracking={"uri": f"sqlite:///{project}/mlflow.db"},
+                          promotion={"poll_interval_s": 0.1, "timeout_s": 30.0, **promotion})
 
 
 @pytest.fixture
@@ -24,7 +24,8 @@ def registry(project):
     """v1 approved and champion; v2 pending, from a run alice authored; short polls and timeout."""
     # An absolute URI: MLflow caches one SQLAlchemy engine per URI string, across tests in one process.
     uri = f"sqlite:///{project}/mlflow.db"
-    write_params(project, params(project))
+    write_params(project, small_params())
+    settings(project)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.create_experiment("promotion", artifact_location=(project / "artifacts").as_uri())
     for _ in range(2):
@@ -36,7 +37,7 @@ def registry(project):
 
 
 def run_flow(version="2"):
-    state = promotion(MODEL, version, "params.yaml", return_state=True)
+    state = promotion(MODEL, version, return_state=True)
     return state, (state.result() if state.is_completed() else None)
 
 
@@ -75,7 +76,7 @@ def test_rejection_ends_without_touching_the_champion(prefect_harness, registry)
 @pytest.mark.slow
 def test_no_decision_times_out(prefect_harness, registry, project):
     uri, client = registry
-    write_params(project, params(project, timeout_s=0.5))
+    settings(project, timeout_s=0.5)
     state, result = run_flow()
     assert state.is_completed() and state.name == TIMED_OUT
     assert result["outcome"] == TIMED_OUT and result["status"] == "PendingManualApproval"
@@ -121,14 +122,14 @@ def test_start_promotion_creates_a_run_of_the_deployment(prefect_harness, regist
     from prefect import get_client
 
     assert start_promotion(MODEL, "2") is None  # promotion.after_training is false
-    write_params(project, params(project, after_training=True))
+    settings(project, after_training=True)
     with pytest.raises(ConfigError, match="deployment 'promotion/missing' not found"):
         start_promotion(MODEL, "2", deployment="promotion/missing")
     promotion.to_deployment(name="local").apply()
     flow_run_id = start_promotion(MODEL, "2")
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
-    assert flow_run.parameters == {"model_name": MODEL, "version": "2", "params_path": "params.yaml"}
+    assert flow_run.parameters == {"model_name": MODEL, "version": "2"}
     assert flow_run.state.is_scheduled()
 
 

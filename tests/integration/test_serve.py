@@ -15,7 +15,7 @@ import pytest
 
 from mlops import services
 from deploy.records import read_records
-from tests.conftest import PYTHON, REPO, run_module, small_params, write_params
+from tests.conftest import PYTHON, REPO, run_module, small_params, write_params, write_settings
 from tests.integration.serving_setup import LoopingClients
 
 pytestmark = pytest.mark.slow
@@ -42,9 +42,9 @@ class Project:
 def project(tmp_path_factory) -> Project:
     """Two approved versions of a small model; the first is champion."""
     path = tmp_path_factory.mktemp("serving")
-    write_params(path, small_params(
-        tracking={"uri": f"sqlite:///{path / 'mlflow.db'}"},
-        serve={"endpoint": ENDPOINT, "poll_interval_s": 0.5, "max_body_bytes": MAX_BODY}))
+    write_params(path, small_params())
+    write_settings(path, tracking={"uri": f"sqlite:///{path / 'mlflow.db'}"},
+                   serve={"endpoint": ENDPOINT, "poll_interval_s": 0.5, "max_body_bytes": MAX_BODY})
     done = run_module("tests.integration.serving_setup", cwd=path)
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ml.config import TrackingConfig
-from tests.conftest import REPO, run_module, small_params, write_params
+from ml.settings import TrackingConfig
+from tests.conftest import REPO, run_module, small_params, write_params, write_settings
 from tests.integration.test_metric_buffer_server import server, wait_until  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
@@ -38,9 +38,10 @@ def test_a_train_run_records_every_captured_field(server, tmp_path):
 
     project = tmp_path / "project"
     project.mkdir()
-    params = small_params(tracking={"uri": server.url, "histogram_every_steps": 5, "system_metrics_interval_s": 0.2,
-                                    "confusion_every_epoch": True})
-    write_params(project, params)
+    tracking = {"uri": server.url, "histogram_every_steps": 5, "system_metrics_interval_s": 0.2,
+                "confusion_every_epoch": True}
+    write_params(project, small_params())
+    write_settings(project, tracking=tracking)
     git(project, "init", "-q")
     git(project, "add", "params.yaml")
     git(project, "commit", "-qm", "params")
@@ -51,7 +52,7 @@ def test_a_train_run_records_every_captured_field(server, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=server.url)
-    experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
+    experiment = client.get_experiment_by_name("mlops-pipeline")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
     tags, run_id = run.data.tags, run.info.run_id
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
@@ -62,7 +63,7 @@ def test_a_train_run_records_every_captured_field(server, tmp_path):
     assert tags["git_commit"] == commit and tags["git_dirty"] == "True"
     assert tags["gpu_count"] == "0" and "gpu_absent_reason" in tags  # no NVML here: said why
     assert run.info.run_name.startswith("train-lr0.003-bs64-")
-    assert run.data.params["train.lr"] == "0.003" and run.data.params["checkpoint.keep_last"] == "2"
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["settings.checkpoint.keep_last"] == "2"
     assert tags["tracking.metrics_in_spool"] == "0" and int(tags["tracking.metrics_sent"]) > 0
 
     (dataset_input,) = run.inputs.dataset_inputs
@@ -127,7 +128,7 @@ def test_every_metric_lands_across_an_outage_through_the_tracker(server, tmp_pat
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from ml.config import TrackingConfig
+    from ml.settings import TrackingConfig
     from ml.tracking.mlflow_tracker import MlflowTracker
 
     url, spool, ready = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -3,8 +3,7 @@
 import pytest
 import yaml
 
-from ml.config import (AnomalyConfig, CheckpointConfig, DataConfig, EvaluateConfig, RegisterConfig, TrackingConfig, TrainConfig, ValidateConfig,
-                       section_keys)
+from ml.config import AnomalyConfig, DataConfig, EvaluateConfig, RegisterConfig, TrainConfig, ValidateConfig, section_keys
 from tests.conftest import REPO
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -12,12 +11,11 @@ EXPECTED = {
     "prepare": section_keys(DataConfig, "data"),
     "validate": ["data.processed_dir", *section_keys(ValidateConfig, "validate")],
     "train": ["data.processed_dir", "validate.report", *section_keys(TrainConfig, "train"),
-              *section_keys(TrackingConfig, "tracking"), *section_keys(AnomalyConfig, "anomaly"),
-              *section_keys(CheckpointConfig, "checkpoint")],
+              *section_keys(AnomalyConfig, "anomaly")],
     "evaluate": ["data.processed_dir", "train.model_dir", "train.run_file",
-                 *section_keys(EvaluateConfig, "evaluate"), "tracking.uri"],
+                 *section_keys(EvaluateConfig, "evaluate")],
     "register": ["data.processed_dir", "train.run_file", "evaluate.metrics_file",
-                 *section_keys(RegisterConfig, "register"), "tracking.uri"],
+                 *section_keys(RegisterConfig, "register")],
 }
 
 

@@ -188,15 +188,12 @@ def test_unknown_inputs_are_one_line_errors(world, capsys, argv, message):
     assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
 
 
-def test_records_dir_defaults_to_params(world, capsys, monkeypatch):
-    import yaml
+def test_records_dir_defaults_to_settings(world, capsys, monkeypatch):
+    from tests.conftest import write_settings
 
-    from tests.conftest import small_params
-
-    params = small_params(serve={"records_dir": str(world["records"])})
-    (world["tmp"] / "params.yaml").write_text(yaml.safe_dump(params))
+    write_settings(world["tmp"], serve={"records_dir": str(world["records"])})
     monkeypatch.chdir(world["tmp"])
-    assert os.path.exists("params.yaml")
+    assert os.path.exists("settings.yaml")
     main(["--tracking-uri", world["uri"], "lineage", "model", "digits-classifier", "2", "--format", "json"])
     doc = json.loads(capsys.readouterr().out)
     assert any(e["relation"] == "served by (now)" for e in doc["edges"])

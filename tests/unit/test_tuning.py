@@ -3,7 +3,6 @@ resume in an RDB storage, the study report, and the best trial taking the traine
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -57,7 +56,7 @@ def test_repository_tune_section_loads():
     ("space", {"lr": 0.01}, "tune.space.lr: expected a mapping {low, high, log} or {choices}, got 0.01"),
     ("space", {"lr": {"high": 0.1}}, "tune.space.lr.low: missing key"),
     ("space", {"lr": {"low": 0.001, "high": 0.1, "step": 2}}, "tune.space.lr.step: unknown key; expected low, high, log"),
-    ("space", {"lr": {"low": "1e-4", "high": 0.1}}, "tune.space.lr.low: expected float, got '1e-4'"),
+    ("space", {"lr": {"low": "small", "high": 0.1}}, "tune.space.lr.low: expected float, got 'small'"),
     ("space", {"lr": {"low": -1, "high": 0.1}}, "tune.space.lr.low: expected AdamW learning rate, > 0, got -1.0"),
     ("space", {"lr": {"low": 0.1, "high": 0.01}}, "tune.space.lr.high: expected a value above tune.space.lr.low, got 0.01 <= 0.1"),
     ("space", {"dropout": {"low": 0.0, "high": 1.0}}, "tune.space.dropout.high: expected dropout probability"),
@@ -277,8 +276,9 @@ def outcome_for(number, run_id):
 
 def test_best_trial_weights_and_summary_replace_the_trained_model(tmp_path):
     params = params_with(tmp_path, study_name="digits-mlp")
-    train = replace(params.train, model_dir=str(tmp_path / "models/model"), run_file=str(tmp_path / "reports/train_run.json"),
-                    metrics_file=str(tmp_path / "reports/train_metrics.json"))
+    train = params.train.model_copy(update={"model_dir": str(tmp_path / "models/model"),
+                                           "run_file": str(tmp_path / "reports/train_run.json"),
+                                           "metrics_file": str(tmp_path / "reports/train_metrics.json")})
     local = trial_dir(params.tune, 3)
     (local / "model").mkdir(parents=True)
     (local / "model" / "model.safetensors").write_bytes(b"trial-3 weights")
@@ -297,8 +297,8 @@ def test_best_trial_weights_and_summary_replace_the_trained_model(tmp_path):
 
 def test_best_trial_of_another_machine_is_fetched_from_its_run(tmp_path):
     params = params_with(tmp_path)
-    train = replace(params.train, model_dir=str(tmp_path / "model"), run_file=str(tmp_path / "run.json"),
-                    metrics_file=str(tmp_path / "m.json"))
+    train = params.train.model_copy(update={"model_dir": str(tmp_path / "model"), "run_file": str(tmp_path / "run.json"),
+                                           "metrics_file": str(tmp_path / "m.json")})
     stale = trial_dir(params.tune, 5)  # left by another study of the same name: not this run's files
     (stale / "model").mkdir(parents=True)
     (stale / "model" / "model.safetensors").write_bytes(b"stale")
