@@ -182,10 +182,24 @@ def test_percentiles_from_bins():
 
 
 def test_render_caps_the_tensor_count(tmp_path):
-    columns = {"step": np.array([1, 2, 1, 2]), "tensor": ["a", "a", "b", "b"], "kind": ["weights"] * 4,
-               "counts": np.array([[1, 2], [2, 1], [3, 0], [0, 3]]), "hist_lo": np.zeros(4), "hist_hi": np.ones(4)}
-    path = render_histograms(columns, tmp_path / "h.png", max_tensors=1)
-    assert path.stat().st_size > 0
+    from PIL import Image
+
+    def table(names):
+        rows = [(step, name) for name in names for step in (1, 2)]
+        return {"step": np.array([step for step, _ in rows]), "tensor": [name for _, name in rows],
+                "kind": ["weights"] * len(rows), "counts": np.array([[1 + i % 3, 2] for i in range(len(rows))]),
+                "hist_lo": np.zeros(len(rows)), "hist_hi": np.ones(len(rows))}
+
+    def size(path):  # one row of panels per tensor drawn: the height tells how many
+        with Image.open(path) as image:
+            return image.size
+
+    capped = size(render_histograms(table(["a", "b", "c"]), tmp_path / "capped.png", max_tensors=1))
+    first_alone = size(render_histograms(table(["a"]), tmp_path / "a.png"))
+    uncapped = size(render_histograms(table(["a", "b", "c"]), tmp_path / "all.png", max_tensors=3))
+    two = size(render_histograms(table(["a", "b", "c"]), tmp_path / "two.png", max_tensors=2))
+    assert capped == first_alone
+    assert capped[1] < two[1] < uncapped[1]
 
 
 @pytest.mark.parametrize("kwargs, message", [
