@@ -8,20 +8,22 @@ commands, the promotion flow), so each request is checked the same way before an
 2. the version exists;
 3. with an authenticating server, the user holds MANAGE on the registered model (or is an admin).
 
-Then :mod:`registry.store` decides and writes. A 401/403 from the server on any call becomes a
-one-line :class:`RegistryError`.
+Then :mod:`registry.store` decides, signs and writes: the signed record names the approver and how
+they were identified. A 401/403 from the server on any call becomes a one-line :class:`RegistryError`.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
+from dataclasses import replace
 from typing import Any
 
 from ml.errors import RegistryError
-from registry import store
-from registry.approval import APPROVED, CHAMPION, REJECTED, VIA_CLI, unrecorded_transition
+from registry import gate, store
+from registry.approval import APPROVED, CHAMPION, REJECTED, VIA_CLI
 from registry.auth import check_can_manage, denied_as_error, server_identity
+from registry.signing import Keyring, Verdict
 from registry.store import VersionRecord
 
 
@@ -40,22 +42,31 @@ def local_user() -> str:
 
 
 def acting_user(tracking_uri: str, client: Any, name: str, version: str | int | None, what: str,
-                claimed: str | None = None) -> str:
-    """The user a registry change is recorded under, once they are allowed to make it.
+                claimed: str | None = None) -> tuple[str, str]:
+    """The user a registry change is recorded under, once they are allowed to make it, and how they
+    were identified ("local user", or the authenticating server).
 
     ``claimed`` is a name given on the command line; an authenticating server overrides it with the
     user it authenticated, and refuses a claim that differs.
     """
     identity = server_identity(tracking_uri, what)
     if identity is None:
-        return claimed or local_user()
+        return claimed or local_user(), "local user"
     if claimed and claimed != identity.username:
         raise RegistryError(f"{what}: approver {claimed!r} is not the authenticated user {identity.username!r}; "
                             "with an authenticating server the approver is the authenticated user")
     if version is not None:
         store.get_version(client, name, version)
     check_can_manage(tracking_uri, identity, name, what)
-    return identity.username
+    return identity.username, f"authenticated by {public_server(tracking_uri)}"
+
+
+def public_server(tracking_uri: str) -> str:
+    """The server URI without credentials, fit for a signed record."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(tracking_uri)
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""), query=""))
 
 
 def _decide(tracking_uri: str, name: str, version: str | int, target: str, reason: str, approver: str | None,
@@ -64,8 +75,9 @@ def _decide(tracking_uri: str, name: str, version: str | int, target: str, reaso
     what = f"{verb} {name} v{version}"
     client = registry_client(tracking_uri)
     with denied_as_error(what):
-        by = acting_user(tracking_uri, client, name, version, what, claimed=approver)
-        return store.decide(client, name, version, target, by, reason, allow_self_approval, via=via)
+        by, identity = acting_user(tracking_uri, client, name, version, what, claimed=approver)
+        return store.decide(client, name, version, target, by, reason, allow_self_approval, via=via,
+                            identity=identity)
 
 
 def approve_version(tracking_uri: str, name: str, version: str | int, reason: str, approver: str | None = None,
@@ -86,7 +98,7 @@ def promote_version(tracking_uri: str, name: str, version: str | int, alias: str
     what = f"promote {name} v{version}"
     client = registry_client(tracking_uri)
     with denied_as_error(what):
-        by = acting_user(tracking_uri, client, name, version, what)
+        by, _ = acting_user(tracking_uri, client, name, version, what)
         return store.promote(client, name, version, by, alias, note=note)
 
 
@@ -95,20 +107,32 @@ def rollback_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> Versi
     what = f"rollback {name}"
     client = registry_client(tracking_uri)
     with denied_as_error(what):
-        by = acting_user(tracking_uri, client, name, None, what)
+        by, _ = acting_user(tracking_uri, client, name, None, what)
         return store.rollback(client, name, by, alias)
 
 
-def notice_hand_edit(tracking_uri: str, name: str, version: str | int) -> VersionRecord:
-    """Reads a version, first recording in its history a status someone set by editing the tag.
+def read_verified(tracking_uri: str, name: str, version: str | int,
+                  keyring: Keyring | None = None) -> tuple[VersionRecord, Verdict]:
+    """A version with ``status`` set to the decision its signature proves (pending when none
+    verifies), and the verdict: what its tags claim beyond that is reported, never adopted."""
+    client = registry_client(tracking_uri)
+    with denied_as_error(f"read {name} v{version}"):
+        record = store.get_version(client, name, version)
+        verdict = store.verify_version(client, record, keyring, weights=False)
+    return replace(record, status=verdict.status), verdict
 
-    Writing that event is a history write like any other, so it needs the same MANAGE permission.
-    """
-    what = f"record approval of {name} v{version}"
+
+def check_gate(tracking_uri: str, name: str, alias: str = CHAMPION, revert: bool = False,
+               keyring: Keyring | None = None) -> tuple[list[str], dict[str, Any] | None]:
+    """What was set outside the gate on ``name`` (one line each; the holder of an alias is checked
+    weights included) and, with ``revert``, the alias history entry written when ``alias`` pointed
+    at an unverified version and was moved back (authorized like a promotion)."""
+    what = f"check {name}@{alias}"
     client = registry_client(tracking_uri)
     with denied_as_error(what):
-        record = store.get_version(client, name, version)
-        if unrecorded_transition(record.status, record.history) is None:
-            return record
-        by = acting_user(tracking_uri, client, name, version, what)
-        return store.record_hand_edit(client, name, version, noticed_by=by)
+        _, _, findings = gate.list_findings(client, name, keyring, weights=True)
+        lines = [f.line(name) for f in findings]
+        if not revert or not any(f.alias == alias for f in findings):
+            return lines, None
+        by, _ = acting_user(tracking_uri, client, name, None, what)
+        return lines, gate.revert_unverified_alias(client, name, by, alias, keyring)

@@ -1,7 +1,9 @@
 """The approval state machine and the promotion decisions: pure functions over plain records.
 
 MLflow OSS has no approval workflow, so a version's state lives in its tags: ``approval_status`` and
-an append-only ``approval_history`` (JSON). Only an Approved version may take the champion alias.
+an append-only ``approval_history`` (JSON), and what proves a decision is its signed record
+(:mod:`registry.signing`): tags anyone with EDIT can set are never taken for a decision. Only a
+version whose signed Approved record verifies may take the champion alias.
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ REJECTED = "Rejected"
 STATUSES = (PENDING, APPROVED, REJECTED)
 CHAMPION = "champion"
 
-# Where a decision was given: the mlops command (or a caller of registry.actions), or a hand edit
-# of the approval_status tag in the MLflow UI that the registry noticed afterwards.
+# Where a decision was given: the mlops command, or another caller of registry.actions (the flow).
 VIA_CLI = "cli"
-VIA_MLFLOW_UI = "mlflow-ui"
 
 # (from, to): Approved -> Rejected is a revocation.
 LEGAL_TRANSITIONS = frozenset({(PENDING, APPROVED), (PENDING, REJECTED), (APPROVED, REJECTED)})
@@ -75,33 +75,6 @@ def make_event(current: str, target: str, approver: str, reason: str, self_appro
 def recorded_status(history: list[dict] | tuple[dict, ...]) -> str:
     """The status the history says a version is in: its last event's target, else pending."""
     return history[-1]["to_status"] if history else PENDING
-
-
-def unrecorded_transition(status: str, history: list[dict] | tuple[dict, ...]) -> tuple[str, str] | None:
-    """``(recorded, status)`` when the ``approval_status`` tag was changed without a history event
-    (a hand edit in the MLflow UI), else None. Raises when that edit is not a legal transition.
-
-    A decision writes the history first and the status second, so a reader between the two writes
-    sees the status still at the last event's ``from_status``: that is a decision in flight, not an
-    edit, and the status tag (the older one) is what holds until the second write lands.
-    """
-    recorded = recorded_status(history)
-    if status == recorded or (history and history[-1].get("from_status") == status):
-        return None
-    try:
-        check_transition(recorded, status)
-    except RegistryError as exc:
-        raise RegistryError(f"approval_status tag {status!r} was set by hand after {recorded}: {exc}; "
-                            f"set the tag back to {recorded}") from None
-    return recorded, status
-
-
-def hand_edit_event(recorded: str, status: str, noticed_by: str, now: datetime | None = None) -> ApprovalEvent:
-    """The history entry for a status set by editing the tag: MLflow keeps no record of who edited a
-    tag, so the approver is unknown and the entry says who noticed it."""
-    return make_event(recorded, status, "unknown (MLflow UI tag edit)",
-                      f"approval_status tag set to {status} by hand in the MLflow UI; recorded by {noticed_by}",
-                      False, now=now, via=VIA_MLFLOW_UI)
 
 
 def can_promote(status: str) -> bool:

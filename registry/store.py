@@ -1,19 +1,24 @@
 """The registry's MLflow side: register, read, approve/reject, promote and roll back versions.
 
 Each function makes its decision with :mod:`registry.approval` and then acts with MLflow calls. These
-functions trust their caller about who acts; :mod:`registry.actions` authorizes first.
+functions trust their caller about who acts; :mod:`registry.actions` authorizes first. A decision
+is signed with the approver's key (:mod:`registry.signing`) over the version's weights as they are
+downloaded now; what a version's tags claim is only believed where that signature verifies.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from ml.errors import RegistryError
-from registry.approval import (APPROVED, CHAMPION, PENDING, REJECTED, VIA_CLI, ApprovalEvent, check_approver,
-                               check_promotable, hand_edit_event, make_event, unrecorded_transition)
+from registry.approval import APPROVED, CHAMPION, PENDING, REJECTED, VIA_CLI, check_approver, check_promotable, make_event
+from registry.signing import (SIGNATURE_TAG, ApprovalRecord, Keyring, Verdict, directory_digest, load_private_key,
+                              sign, signer_key_id, verify_tags)
 
 STATUS_TAG = "approval_status"
 HISTORY_TAG = "approval_history"
@@ -113,42 +118,82 @@ def run_author(client: Any, run_id: str | None) -> str | None:
     return client.get_run(run_id).data.tags.get("mlflow.user")
 
 
-def _hand_edits(record: VersionRecord, noticed_by: str) -> list[ApprovalEvent]:
-    """The event a hand edit of the status tag needs in the history (none when the history agrees)."""
-    edit = unrecorded_transition(record.status, record.history)
-    return [hand_edit_event(*edit, noticed_by=noticed_by)] if edit else []
+def client_tracking_uri(client: Any) -> str:
+    """The tracking URI an MlflowClient was made for (artifact downloads resolve against it)."""
+    return client._tracking_client.tracking_uri
 
 
-def _write_history(client: Any, record: VersionRecord, events: list[ApprovalEvent]) -> None:
-    history = [*record.history, *(e.to_dict() for e in events)]
-    client.set_model_version_tag(record.name, record.version, HISTORY_TAG, json.dumps(history))
+def download_version(client: Any, name: str, version: str, dst: str) -> str:
+    """Downloads a version's model artifacts into ``dst``; the local directory that holds them."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    # the version's own artifact location: a models:/ URI would be resolved against the
+    # process-wide registry URI, not this client's
+    source = client.get_model_version_download_uri(name, version)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a step of a command, not a download
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst,
+                                                   tracking_uri=client_tracking_uri(client))
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"model {name!r} version {version}: its model artifacts at {source} could not be "
+                            f"read ({str(exc).splitlines()[0][:200]})") from None
 
 
-def record_hand_edit(client: Any, name: str, version: str | int, noticed_by: str) -> VersionRecord:
-    """Appends a history event when ``approval_status`` was edited by hand (MLflow UI), so the
-    history again explains the status. Raises when the edit is not a legal transition."""
-    record = get_version(client, name, version)
-    events = _hand_edits(record, noticed_by)
-    if not events:
-        return record
-    _write_history(client, record, events)
-    return get_version(client, name, record.version)
+def weights_digest(client: Any, name: str, version: str) -> str:
+    """The digest a signed record binds: every file of the version's model artifacts."""
+    with tempfile.TemporaryDirectory(prefix="mlops-digest-") as tmp:
+        local = download_version(client, name, version, tmp)
+        try:
+            return directory_digest(local)
+        except RegistryError:
+            raise RegistryError(f"model {name!r} version {version}: no model artifacts to sign") from None
+
+
+def verify_version(client: Any, record: VersionRecord, keyring: Keyring | None = None,
+                   weights: bool = True) -> Verdict:
+    """What ``record``'s signed decision proves: signature, key, model and version always; with
+    ``weights``, also the artifacts' digest as downloaded now and separation of duties."""
+    keyring = keyring or Keyring.load()
+    verdict = verify_tags(record.name, record.version, record.tags, keyring)
+    if not weights or not verdict.approved:
+        return verdict
+    try:
+        digest = weights_digest(client, record.name, record.version)
+    except RegistryError as exc:
+        return Verdict(False, verdict.status, str(exc), verdict.record)
+    return verify_tags(record.name, record.version, record.tags, keyring, weights_digest=digest,
+                       author=run_author(client, record.run_id))
 
 
 def decide(client: Any, name: str, version: str | int, target: str, approver: str, reason: str,
-           allow_self_approval: bool = False, via: str = VIA_CLI) -> VersionRecord:
-    """Moves a version to Approved or Rejected, appending who, when and why to its history.
+           allow_self_approval: bool = False, via: str = VIA_CLI, *, identity: str = "local user") -> VersionRecord:
+    """Moves a version to Approved or Rejected: a record of who, when and why over the version's
+    weights, signed with the approver's key (created on first use), and a history entry.
 
-    A status set earlier by a hand edit of the tag is recorded first, so the history stays complete.
-    Every check runs before the first write. A rejected version loses its aliases.
+    The decision it follows is the last one whose signature verifies: an ``approval_status`` tag
+    edited by hand is never adopted. Every check, the download of the weights and the signature
+    come before the first write. A rejected version loses its aliases.
     """
     record = get_version(client, name, version)
-    events = _hand_edits(record, noticed_by=approver)
+    current = verify_tags(name, record.version, record.tags, Keyring.load()).status
     self_approval = False
     if target == APPROVED:
         self_approval = check_approver(approver, run_author(client, record.run_id), allow_self_approval)
-    events.append(make_event(record.status, target, approver, reason, self_approval, via=via))
-    _write_history(client, record, events)
+    event = make_event(current, target, approver, reason, self_approval, via=via)
+    key = load_private_key()
+    try:
+        digest = weights_digest(client, name, record.version)
+    except RegistryError:
+        if target == APPROVED:
+            raise
+        digest = "unreadable"  # a version whose weights cannot be read can still be rejected
+    signed = ApprovalRecord(name, record.version, digest, target, approver, event.at, event.reason, self_approval,
+                            identity, signer_key_id(key))
+    history = [*record.history, {**event.to_dict(), "identity": identity, "key_id": signed.key_id,
+                                 "weights_digest": digest}]
+    client.set_model_version_tag(name, record.version, HISTORY_TAG, json.dumps(history[-HISTORY_KEPT:]))
+    client.set_model_version_tag(name, record.version, SIGNATURE_TAG, sign(signed, key))
     client.set_model_version_tag(name, record.version, STATUS_TAG, target)
     if target == REJECTED:
         for alias in record.aliases:  # a rejected version is served under no alias
@@ -166,21 +211,31 @@ def alias_history(client: Any, name: str, alias: str = CHAMPION) -> list[dict]:
     return json.loads(tags.get(alias_history_tag(alias), "[]"))
 
 
+def check_verified(client: Any, record: VersionRecord, alias: str, keyring: Keyring | None = None) -> None:
+    """Raises unless ``record``'s signed Approved decision verifies, weights and author included."""
+    verdict = verify_version(client, record, keyring)
+    if verdict.approved:
+        return
+    try:
+        check_promotable(record.version, verdict.status)
+    except RegistryError as exc:
+        raise RegistryError(f"{exc}{f' ({verdict.why})' if verdict.why else ''}") from None
+    raise RegistryError(f"version {record.version} cannot become {alias}: its approval does not verify: {verdict.why}")
+
+
 def promote(client: Any, name: str, version: str | int, by: str, alias: str = CHAMPION,
             note: dict[str, str] | None = None) -> VersionRecord:
-    """Points ``alias`` at an Approved version and records the one it replaces (``note`` adds
-    fields to that record, e.g. the flow run that promoted). Promoting the holder again is a no-op."""
+    """Points ``alias`` at a version whose signed approval verifies and records the one it replaces
+    (``note`` adds fields to that record, e.g. the flow run that promoted). Promoting the holder
+    again is a no-op."""
     record = get_version(client, name, version)
-    check_promotable(record.version, record.status)
-    events = _hand_edits(record, noticed_by=by)
+    check_verified(client, record, alias)
     previous = champion(client, name, alias)
-    if previous is not None and previous.version == record.version and not events:
+    if previous is not None and previous.version == record.version:
         return record
     history = alias_history(client, name, alias)
     history.append({"version": record.version, "previous": previous.version if previous else None,
                     "by": by, "at": datetime.now(UTC).isoformat(timespec="seconds"), **(note or {})})
-    if events:
-        _write_history(client, record, events)
     client.set_registered_model_tag(name, alias_history_tag(alias), json.dumps(history[-HISTORY_KEPT:]))
     client.set_registered_model_alias(name, alias, record.version)
     return get_version(client, name, record.version)

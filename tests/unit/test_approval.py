@@ -3,9 +3,8 @@ from datetime import UTC, datetime
 import pytest
 
 from ml.errors import RegistryError
-from registry.approval import (APPROVED, PENDING, REJECTED, VIA_MLFLOW_UI, can_promote, check_approver,
-                               check_transition, hand_edit_event, is_better_than_champion, make_event,
-                               meets_quality_gate, unrecorded_transition)
+from registry.approval import (APPROVED, PENDING, REJECTED, can_promote, check_approver, check_transition,
+                               is_better_than_champion, make_event, meets_quality_gate)
 
 
 @pytest.mark.parametrize("current, target, legal", [
@@ -82,38 +81,6 @@ def test_champion_challenger_gate(challenger, champion, delta, ok):
     assert ("below register.champion_min_delta" in why) is not ok
 
 
-def event(target, source=PENDING):
-    return make_event(source, target, "alice", "ok", False).to_dict()
-
-
-@pytest.mark.parametrize("status, history, expected", [
-    (PENDING, [], None),
-    (APPROVED, [event(APPROVED)], None),
-    (APPROVED, [], (PENDING, APPROVED)),
-    (REJECTED, [], (PENDING, REJECTED)),
-    (REJECTED, [event(APPROVED)], (APPROVED, REJECTED)),
-    (PENDING, [event(APPROVED)], None),  # a decision in flight: history written, status not yet
-])
-def test_unrecorded_transition_finds_hand_edits(status, history, expected):
-    assert unrecorded_transition(status, history) == expected
-
-
-@pytest.mark.parametrize("status, history, fragment", [
-    (APPROVED, [event(REJECTED)], "approval_status tag 'Approved' was set by hand after Rejected: illegal transition"),
-    (PENDING, [event(APPROVED), event(REJECTED, APPROVED)], "set the tag back to Rejected"),
-    ("approved", [], "status 'approved': expected one of"),
-])
-def test_illegal_hand_edits_are_refused(status, history, fragment):
-    with pytest.raises(RegistryError, match=fragment):
-        unrecorded_transition(status, history)
-
-
-def test_hand_edit_event_says_the_approver_is_unknown():
-    e = hand_edit_event(PENDING, APPROVED, "flow-bot", now=datetime(2026, 1, 2, tzinfo=UTC)).to_dict()
-    assert e["via"] == VIA_MLFLOW_UI and e["by"].startswith("unknown") and "recorded by flow-bot" in e["reason"]
-    assert (e["from_status"], e["to_status"]) == (PENDING, APPROVED)
-
-
 # -- the registry side, on a real embedded SQLite store -------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -127,34 +94,44 @@ def empty_store(tmp_path_factory):
 
 
 @pytest.fixture
-def registry(tmp_path, empty_store):
+def registry(tmp_path, empty_store, monkeypatch):
+    """Three versions of "m" with their own small weights file, from runs alice authored; the
+    approval key and keyring in a fresh config directory."""
     import shutil
 
     from mlflow import MlflowClient
 
     from registry import store
 
+    monkeypatch.setenv("MLOPS_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("MLOPS_APPROVAL_KEYRING", raising=False)
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.create_experiment("approval", artifact_location=(tmp_path / "artifacts").as_uri())
-    for _ in range(3):
+    for k in range(3):
         run = client.create_run(exp, tags={"mlflow.user": "alice"})
+        weights = tmp_path / "weights.bin"
+        weights.write_bytes(bytes([k]) * 64)
+        client.log_artifact(run.info.run_id, str(weights), "model")
         store.register_version(client, "m", f"runs:/{run.info.run_id}/model", run.info.run_id,
                                {"test_accuracy": "0.950000", "champion_gate": "passed", "champion_version": "1",
                                 "champion_test_accuracy": "0.900000", "champion_delta": "+0.050000"})
     return uri, client
 
 
-def test_decide_records_a_hand_edit_before_the_decision(registry):
+def test_a_hand_edited_status_is_not_adopted_by_a_decision(registry):
     from registry import actions
 
     uri, client = registry
-    client.set_model_version_tag("m", "1", "approval_status", APPROVED)
+    client.set_model_version_tag("m", "1", "approval_status", APPROVED)  # what the MLflow UI does
     record = actions.reject_version(uri, "m", "1", "regressed on slice X", approver="carol")
-    assert [(e["to_status"], e["via"], e["by"]) for e in record.history] == [
-        (APPROVED, "mlflow-ui", "unknown (MLflow UI tag edit)"), (REJECTED, "cli", "carol")]
+    assert [(e["from_status"], e["to_status"], e["by"]) for e in record.history] == [(PENDING, REJECTED, "carol")]
     assert record.status == REJECTED
+    client.set_model_version_tag("m", "2", "approval_status", APPROVED)
+    with pytest.raises(RegistryError, match=r"^version 2 is PendingManualApproval; only an Approved version can "
+                                            r"become champion \(approval_status says Approved but no signed"):
+        actions.promote_version(uri, "m", "2")
 
 
 def test_promote_rollback_and_reject_move_aliases(registry):
@@ -205,3 +182,23 @@ def test_cli_models_on_the_embedded_store(registry, capsys, monkeypatch):
         main(["--tracking-uri", uri, "models", "show", "m", "9"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == "error: model 'm' version 9: not found in the registry"
+
+
+def test_self_approval_is_allowed_only_by_the_flag_and_recorded_in_the_history(registry, capsys, monkeypatch):
+    from mlops.cli import main
+    from registry import store
+
+    uri, client = registry
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    approve = ["--tracking-uri", uri, "models", "approve", "m", "3", "--reason", "mine", "--approver", "alice"]
+    with pytest.raises(SystemExit) as exc:  # alice authored the run of every version
+        main(approve)
+    assert exc.value.code != 0 and not store.get_version(client, "m", "3").history
+    main(["--tracking-uri", uri, "models", "approve", "m", "1", "--reason", "ok", "--approver", "bob"])
+    main([*approve, "--allow-self-approval"])
+    capsys.readouterr()
+    assert [(e["by"], e["self_approval"]) for e in store.get_version(client, "m", "1").history] == [("bob", False)]
+    (event,) = store.get_version(client, "m", "3").history
+    assert (event["by"], event["to_status"], event["self_approval"]) == ("alice", APPROVED, True)
+    main(["--tracking-uri", uri, "models", "show", "m", "3"])
+    assert any("-> Approved by alice (self-approval)" in line for line in capsys.readouterr().out.splitlines())
