@@ -1,7 +1,8 @@
 """Runtime settings: where things run, which never changes what a stage produces.
 
 params.yaml is what DVC tracks, so a key there re-runs the stages that list it when it changes.
-Tracking (URI, buffering, spool, progress), checkpoint storage, serving and promotion timing live
+Tracking (URI, buffering, spool, progress), checkpoint storage, serving, promotion timing and the
+MLflow server of ``mlops up`` (its database, artifact store, interface and authentication) live
 here instead, read with pydantic-settings from, highest first:
 
 1. ``MLOPS_<SECTION>__<KEY>`` environment variables (``MLOPS_TRACKING__PROGRESS=off``; lists and
@@ -87,6 +88,18 @@ class PromotionConfig(Section):
     revert_unverified_alias: bool = Field(default=False, description="move the alias back to the last verified champion when it points at an unverified version")
 
 
+class ServerConfig(Section):
+    """mlops up: the MLflow server, from a local UI to a team's server on PostgreSQL with artifacts on S3."""
+
+    backend_store: str | None = Field(default=None, description="database the MLflow server serves, e.g. postgresql://user:password@host:5432/mlflow (through psycopg 3), or null for tracking.uri")
+    artifacts: str | None = Field(default=None, description="s3://bucket/prefix (proxied by the server: clients need no S3 credentials) or a directory, or null for tracking.artifact_root")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint of the artifacts (the server's MLFLOW_S3_ENDPOINT_URL), or null for AWS or the environment's")
+    host: NonEmpty = Field(default="127.0.0.1", description="interface the MLflow server binds; any but loopback needs auth (or mlops up --insecure)")
+    port: Int = Field(default=5000, ge=1, le=65535, description="MLflow server port")
+    auth: bool = Field(default=False, description="MLflow's basic-auth mode (mlflow server --app-name basic-auth; accounts as MLFLOW_AUTH_CONFIG_PATH says)")
+    allowed_hosts: tuple[NonEmpty, ...] = Field(default=(), description="Host headers the server accepts besides MLflow's default (localhost, private IPs): its DNS names")
+
+
 class Settings(BaseSettings):
     """All runtime settings (see the module docstring for where each value comes from)."""
 
@@ -97,6 +110,7 @@ class Settings(BaseSettings):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="training checkpoints")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the serving endpoint")
     promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="the promotion flow")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="the MLflow server of mlops up")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
