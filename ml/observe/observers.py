@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml.train.loop import LoopState, batches_per_epoch
+from ml.train.loop import Callback, LoopState, batches_per_epoch
 
 logger = logging.getLogger(__name__)
 
 
-class ConfusionPerEpoch:
+class ConfusionPerEpoch(Callback):
     """A validation confusion matrix (JSON and PNG) under ``confusion/`` after every epoch."""
 
     def __init__(self, model: torch.nn.Module, x_val: np.ndarray, y_val: np.ndarray, labels: list[str],
@@ -33,19 +33,14 @@ class ConfusionPerEpoch:
         self.model, self.x, self.y, self.labels = model, x_val, y_val, labels
         self.tracker, self.workdir = tracker, workdir
 
-    def on_step_end(self, state: LoopState, loss: float) -> None:
-        pass
-
     def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
         import json
 
         from ml.model.evaluate import classification_metrics, render_confusion
+        from ml.model.predict import inference_model, predict
 
-        device = next(self.model.parameters()).device
         was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            pred = self.model(torch.from_numpy(self.x).to(device)).argmax(dim=1).cpu().numpy()
+        pred = predict(inference_model(self.model), self.x).classes
         self.model.train(was_training)
         evaluation = classification_metrics(self.y, pred, self.labels)
         name = f"epoch-{state.epoch:04d}"
@@ -70,7 +65,7 @@ class Observers:
 
     def hooks(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, splits: Any) -> list[Any]:
         from ml.observe.anomaly import AnomalyMonitor
-        from ml.observe.histograms import HistogramHook, grad_norm
+        from ml.observe.histograms import HistogramHook
         from ml.observe.progress import ProgressHook
 
         tracking, train = self.tracking, self.params.train
@@ -80,16 +75,7 @@ class Observers:
             self.histograms = HistogramHook(model, self.workdir / "tensorboard", tracking.histogram_every_steps,
                                             tracker=tracker, artifact_path="histograms")
             hooks.append(self.histograms)
-        step_of = [0]
-
-        def logged_grad_norm() -> float | None:
-            norm = grad_norm(model)
-            if norm is not None:
-                tracker.log_metric("train/grad_norm", norm, step_of[0])
-            return norm
-
-        self.monitor = AnomalyMonitor(self.params.anomaly, tracker, grad_norm=logged_grad_norm)
-        hooks.append(_StepCounter(step_of))
+        self.monitor = AnomalyMonitor(self.params.anomaly, tracker)
         hooks.append(self.monitor)
         total = train.epochs * batches_per_epoch(len(splits.y_train), train.batch_size)
         console = getattr(tracker, "console", None)
@@ -124,7 +110,8 @@ class Observers:
         resources = {**(sampler.peaks() if sampler is not None else {}), **memory_totals()}
         report = summary_report(state.history, resources=resources, timing=state.timing,
                                 checkpoints=result.checkpoint_stats or None,
-                                anomalies=self.monitor.events if self.monitor else None)
+                                anomalies=self.monitor.events if self.monitor else None,
+                                stop_reason=state.stop_reason)
         if result.resume_note:
             report += f"\n\n## Checkpoint resume\n\n{result.resume_note}\n"
         self.tracker.log_text(report, "summary.md")
@@ -132,15 +119,3 @@ class Observers:
         shutil.rmtree(self.workdir, ignore_errors=True)
         return report
 
-
-class _StepCounter:
-    """Tells the gradient-norm callback which step it is measuring."""
-
-    def __init__(self, ref: list[int]) -> None:
-        self.ref = ref
-
-    def on_step_end(self, state: LoopState, loss: float) -> None:
-        self.ref[0] = state.global_step
-
-    def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
-        pass

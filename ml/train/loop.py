@@ -103,6 +103,8 @@ class Callback:
     stores that state in training checkpoints and hands it back on resume.
     """
 
+    state_key: str | None = None  # set by a callback with state: its key in a checkpoint's "callbacks"
+
     def on_train_start(self, state: LoopState) -> None:
         """Before the first step this call of :func:`fit` runs (after a resume: the restored state)."""
 

@@ -17,10 +17,11 @@ import torch
 from ml.config import TrainConfig, flatten
 from ml.data.prepare import Schema, load_split
 from ml.io import atomic_write_json
-from ml.train.loop import LoopHooks, LoopState, fit, record_stop, resolve_device, seed_everything
+from ml.train.loop import Callback, LoopState, fit, record_stop, resolve_device, seed_everything
 from ml.train.checkpoints import CheckpointContext, CheckpointHook, MilestoneHook, open_checkpoints, resume_stage
-from ml.model.architectures import MLP, ModelSpec, save_model
-from ml.tracking.mlflow_tracker import NullTracker, Tracker
+from ml.model.architectures import MLP, ModelSpec
+from ml.model.serialization import save_model
+from ml.tracking.base import NullTracker, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Splits(NamedTuple):
     y_val: np.ndarray
 
 
-HookFactory = Callable[[MLP, torch.optim.Optimizer, Splits], Sequence[LoopHooks]]
+HookFactory = Callable[[MLP, torch.optim.Optimizer, Splits], Sequence[Callback]]
 
 
 @dataclass
@@ -75,7 +76,7 @@ def environment() -> dict[str, str]:
 
 
 def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None = None,
-          hooks: Sequence[LoopHooks] = (), *, checkpoints: CheckpointContext | None = None,
+          hooks: Sequence[Callback] = (), *, checkpoints: CheckpointContext | None = None,
           hook_factory: HookFactory | None = None) -> TrainResult:
     """The train stage: seeded from params, so the same params and data give the same weights,
     whether the run went straight through or resumed from a checkpoint.
@@ -98,26 +99,32 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     as_tensors = lambda x, y: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))  # noqa: E731
     all_hooks = list(hooks)
     result_stats: list[dict[str, Any]] = []
-    manager, state, resumed_from, note = None, None, None, ""
+    manager, state, resumed_from, note, saved_callbacks = None, None, None, "", {}
     if checkpoints is not None:
         manager = open_checkpoints(checkpoints.cfg, on_saved=lambda s: _record_save(tracker, result_stats, s))
         resumed = resume_stage(manager, checkpoints, cfg.epochs, model, optimizer, generator)
-        state, resumed_from, note = resumed.state, resumed.name, resumed.note
+        state, resumed_from, note, saved_callbacks = resumed.state, resumed.name, resumed.note, resumed.callbacks
         logger.info("train: %s", note)
         print(f"train: {note}", flush=True)
+    if hook_factory is not None:
+        all_hooks.extend(hook_factory(model, optimizer, Splits(x_train, y_train, x_val, y_val)))
+    states = callback_states(all_hooks)
+    if state is not None:
+        restore_callbacks(all_hooks, saved_callbacks)
+    if checkpoints is not None:
         extra = {"fingerprint": checkpoints.fingerprint, "run_id": checkpoints.run_id,
                  "model_spec": {**asdict(model.spec), "hidden_sizes": list(model.spec.hidden_sizes)},
                  "classes": list(schema.classes), "features": list(schema.features),
                  "config": flatten(cfg, "train."), "dataset": dict(checkpoints.dataset),
                  "git_commit": checkpoints.git_commit, "environment": environment()}
+        # after the callbacks whose state they save, so a checkpoint holds their state at its step
         all_hooks.append(CheckpointHook(manager, model, optimizer, generator=generator,
                                         every_steps=checkpoints.cfg.every_steps,
-                                        every_seconds=checkpoints.cfg.every_seconds, extra=lambda: extra))
+                                        every_seconds=checkpoints.cfg.every_seconds, extra=lambda: extra,
+                                        callback_states=states))
         if checkpoints.cfg.monitor:
             all_hooks.append(MilestoneHook(manager, model, optimizer, generator, checkpoints.cfg.monitor, extra,
-                                           checkpoints.run_id))
-    if hook_factory is not None:
-        all_hooks.extend(hook_factory(model, optimizer, Splits(x_train, y_train, x_val, y_val)))
+                                           checkpoints.run_id, callback_states=states))
     try:
         state = fit(model, optimizer, as_tensors(x_train, y_train), as_tensors(x_val, y_val),
                     epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, tracker=tracker,
@@ -131,6 +138,24 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     save_model(model, cfg.model_dir)
     atomic_write_json(cfg.metrics_file, state.history)
     return TrainResult(model, state, resumed_from, note, result_stats)
+
+
+def callback_states(hooks: Sequence[Callback]) -> Callable[[], dict[str, Any]]:
+    """What a checkpoint stores of the hooks' state: ``{state_key: state_dict()}`` of every hook that
+    has a ``state_key``, taken when called."""
+    stateful = [h for h in hooks if h.state_key is not None]
+    keys = [h.state_key for h in stateful]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"callbacks: state keys must be unique, got {keys}")
+    return lambda: {h.state_key: h.state_dict() for h in stateful}
+
+
+def restore_callbacks(hooks: Sequence[Callback], saved: Mapping[str, Any]) -> None:
+    """Hands each stateful hook its state from a resumed checkpoint; a hook the checkpoint has no
+    state for (it was not attached then) starts fresh."""
+    for hook in hooks:
+        if hook.state_key is not None and hook.state_key in saved:
+            hook.load_state_dict(saved[hook.state_key])
 
 
 def _record_save(tracker: Tracker, stats: list[dict[str, Any]], s: Any) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ml.config import Params, SearchParam, TrainConfig, TuneConfig, flatten
 from ml.errors import ConfigError, PipelineError
 from ml.io import atomic_write_json, replace_dir
+from ml.train.loop import Callback
 
 if TYPE_CHECKING:
     import numpy as np
@@ -97,17 +98,15 @@ def trial_run_name(number: int, cfg: TrainConfig) -> str:
 
 # -- pruning ------------------------------------------------------------------------------------------
 
-class PruningHook:
-    """Reports ``metric`` to the trial after every epoch; when the pruner prunes, stops the loop
-    (``state.stop_reason = "pruned"``). :meth:`raise_if_pruned` then ends the trial as pruned."""
+class PruningHook(Callback):
+    """The one pruning routine: reports ``metric`` to the trial after every epoch; when the pruner
+    prunes, stops the loop (``state.stop_reason = "pruned"``). :meth:`raise_if_pruned` then ends
+    the trial as pruned."""
 
     def __init__(self, trial: Any, metric: str) -> None:
         self.trial, self.metric = trial, metric
         self.pruned_at: int | None = None
         self.last_value: float | None = None
-
-    def on_step_end(self, state: LoopState, loss: float) -> None:
-        pass
 
     def on_epoch_end(self, state: LoopState, metrics: dict[str, float]) -> None:
         self.last_value = metrics[self.metric]

@@ -8,7 +8,7 @@ import torch
 
 from ml.errors import ConfigError
 from ml.train.callbacks import EarlyStopping
-from ml.train.loop import LoopState, fit, seed_everything
+from ml.train.loop import Callback, LoopState, fit, seed_everything
 
 NAN = math.nan
 
@@ -82,3 +82,86 @@ def test_ends_the_real_loop_on_a_whole_epoch():
     assert state.stop and state.batch_in_epoch == 0 and state.epoch == len(accuracy) < 30
     assert max(accuracy[-2:]) <= max(accuracy[:-2])   # two epochs without a new best
     assert state.stop_reason.startswith("early stopping: val_accuracy has not improved on")
+
+
+# --- stateful callbacks across a resume ---------------------------------------------------------------
+
+def data(n=200, features=8, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = ((x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)) % 3
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CrashAt(Callback):
+    def __init__(self, manager, step):
+        self.manager, self.step = manager, step
+
+    def on_step_end(self, state, step):
+        if state.global_step == self.step:
+            self.manager.wait()   # the checkpoint in flight is committed, as after a kill between saves
+            raise Interrupted
+
+
+def stateful_callbacks(kind):
+    from ml.config import AnomalyConfig
+    from ml.observe.anomaly import AnomalyMonitor
+
+    if kind == "early_stopping":
+        return [EarlyStopping(2, "val_loss")]
+    fields = dict(action="stop", loss_spike_window=10, loss_spike_zscore=3.0, max_grad_norm=None, patience=None,
+                  patience_metric="val_loss", patience_mode="min")
+    return [AnomalyMonitor(AnomalyConfig(**{k: v for k, v in fields.items()}))]
+
+
+def train_run(kind, root, crash_step=None, restore=True, seed=3, lr=0.01):
+    """One training of the kind the resume promise is about: a stateful callback that can stop it,
+    checkpoints every 3 steps and at epoch ends, resumed from ``root`` when a checkpoint is there."""
+    from ml.checkpoint.manager import CheckpointManager
+    from ml.model.architectures import MLP, ModelSpec
+    from ml.train.checkpoints import CheckpointHook, resume
+    from ml.train.stage import callback_states, restore_callbacks
+
+    generator = seed_everything(seed)
+    model = MLP(ModelSpec(8, (16,), 3, 0.2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    callbacks = stateful_callbacks(kind)
+    with CheckpointManager(root) as manager:
+        resumed = resume(manager, model, optimizer, generator=generator, epochs=20)
+        resumed_at = resumed.state.global_step if resumed.state is not None else None
+        if resumed.state is not None and restore:
+            restore_callbacks(callbacks, resumed.callbacks)
+        hooks = [*callbacks, CheckpointHook(manager, model, optimizer, generator=generator, every_steps=3,
+                                            callback_states=callback_states(callbacks))]
+        if crash_step is not None:
+            hooks.append(CrashAt(manager, crash_step))
+        state = fit(model, optimizer, data(), data(seed=1), epochs=20, batch_size=32, generator=generator,
+                    hooks=hooks, state=resumed.state)
+    return state, model.state_dict(), resumed_at
+
+
+@pytest.mark.parametrize("kind, lr", [("anomaly", 0.01), ("early_stopping", 0.05)])
+def test_a_resumed_run_stops_where_the_straight_run_stops(tmp_path, kind, lr):
+    straight, weights, _ = train_run(kind, tmp_path / "straight", lr=lr)
+    assert straight.stop and straight.global_step > 12
+    crash = straight.global_step - 1   # the newest checkpoint is then 1-3 steps before the stop
+    with pytest.raises(Interrupted):
+        train_run(kind, tmp_path / "resumed", crash_step=crash, lr=lr)
+    resumed, resumed_weights, resumed_at = train_run(kind, tmp_path / "resumed", seed=99, lr=lr)
+    assert resumed_at is not None and straight.global_step - 3 <= resumed_at < straight.global_step
+    assert (resumed.epoch, resumed.global_step, resumed.batch_in_epoch, resumed.stop_reason) == \
+           (straight.epoch, straight.global_step, straight.batch_in_epoch, straight.stop_reason)
+    assert resumed.history == straight.history
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+
+    # without the callback's state the same resume stops somewhere else (or not at all)
+    with pytest.raises(Interrupted):
+        train_run(kind, tmp_path / "forgetful", crash_step=crash, lr=lr)
+    forgetful, _, _ = train_run(kind, tmp_path / "forgetful", seed=99, restore=False, lr=lr)
+    assert (forgetful.global_step, forgetful.stop_reason) != (straight.global_step, straight.stop_reason)
