@@ -12,6 +12,9 @@ Links followed, as the pipeline records them:
 - run -> dataset: tags ``dataset_md5``, ``dataset_source``, ``git_commit`` and the logged dataset
   input (digest = DVC md5), on the run or its nearest ancestor.
 
+A model version shows who signed its approval (checked against the keyring, see
+:mod:`registry.signing`), or why the decision its tags claim does not verify.
+
 A link that is not recorded, or points at something deleted, becomes a node marked missing, so a
 partial lineage is still shown. Results are a :class:`Lineage` graph; :mod:`lineage.render`
 prints it as text, JSON or Mermaid.
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import RegistryError
+from registry.signing import Keyring, verify_tags
 from registry.store import VersionRecord, get_version, is_not_found
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -99,17 +103,27 @@ def _history_line(event: dict) -> str:
             f"by {event.get('by', '?')}{via}: {event.get('reason', '')}")
 
 
-def version_node(record: VersionRecord) -> Node:
+def version_node(record: VersionRecord, keyring: Keyring | None = None) -> Node:
+    """The version, its gate verdicts, and its approval: who signed it (``keyring``: default the
+    user's, see :func:`registry.signing.keyring_path`), or why the claimed decision does not verify."""
     aliases = f" [{', '.join(record.aliases)}]" if record.aliases else ""
     gate = {k: record.tags[k] for k in ("test_accuracy", "champion_gate", "champion_version",
                                           "champion_test_accuracy", "champion_delta") if k in record.tags}
-    details = [f"{k}: {v}" for k, v in gate.items()]
+    verdict = verify_tags(record.name, record.version, record.tags, keyring or Keyring.load())
+    signed = verdict.record if verdict.record and not verdict.why else None
+    details = [f"signature: {verdict.line()}" if signed else
+               f"signature: UNVERIFIED: {verdict.why}" if verdict.why else "signature: no signed decision"]
+    details += [f"{k}: {v}" for k, v in gate.items()]
     details += [f"approval: {_history_line(e)}" for e in record.history] or ["approval: no decision recorded"]
     return Node(f"version:{record.name}/{record.version}", "model_version",
-                f"model {record.name} v{record.version}{aliases}: {record.status}",
-                {"name": record.name, "version": record.version, "status": record.status,
-                 "aliases": list(record.aliases), "run_id": record.run_id, "source": record.source,
-                 "history": list(record.history), **gate}, details)
+                f"model {record.name} v{record.version}{aliases}: {verdict.status}",
+                {"name": record.name, "version": record.version, "status": verdict.status,
+                 "claimed_status": record.status, "aliases": list(record.aliases), "run_id": record.run_id,
+                 "source": record.source, "history": list(record.history),
+                 "signed_by": signed.approver if signed else None,
+                 "signer_identity": signed.identity if signed else None,
+                 "signer_key_id": signed.key_id if signed else None, "signed_at": signed.at if signed else None,
+                 "unverified": verdict.why or None, **gate}, details)
 
 
 def run_kind(tags: dict[str, str]) -> str:
@@ -229,6 +243,19 @@ def add_run_chain(graph: Lineage, client: Any, run_id: str | None, source: str, 
         graph.missing(dataset_id, "prepared from", "no raw source recorded")
 
 
+def add_contract(graph: Lineage, record: Any, version_id: str) -> None:
+    """The data contract a version was trained under (tags set at register), when it records one."""
+    tags = record.tags
+    if "contract_digest" not in tags:
+        return
+    node = Node(f"contract:{tags['contract_digest']}", "contract",
+                f"data contract {tags.get('contract_path', '?')} v{tags.get('contract_version', '?')}",
+                {"path": tags.get("contract_path"), "digest": tags["contract_digest"],
+                 "version": tags.get("contract_version"), "artifact": tags.get("contract_artifact")},
+                [f"digest: {tags['contract_digest']}", f"artifact: {tags.get('contract_artifact', 'not recorded')}"])
+    graph.link(version_id, graph.add(node), "trained under")
+
+
 def add_version(graph: Lineage, client: Any, name: str, version: str, source: str, relation: str,
                 run_id_hint: str | None) -> None:
     """A version linked from ``source``, then its run chain. When the registry no longer has the
@@ -242,6 +269,7 @@ def add_version(graph: Lineage, client: Any, name: str, version: str, source: st
         return
     version_id = graph.add(version_node(record))
     graph.link(source, version_id, relation)
+    add_contract(graph, record, version_id)
     add_run_chain(graph, client, record.run_id or run_id_hint, version_id, "trained by")
 
 
@@ -294,6 +322,7 @@ def lineage_of_model_version(client: Any, records_dir: str | Path, name: str, ve
     graph = Lineage()
     record = get_version(client, name, version)
     version_id = graph.add(version_node(record))
+    add_contract(graph, record, version_id)
     add_run_chain(graph, client, record.run_id, version_id, "trained by")
     _served_by(graph, _records(records_dir), {(record.name, record.version): version_id})
     return graph

@@ -210,3 +210,30 @@ def test_a_deleted_parent_run_is_shown_missing(world):
     graph = lineage.lineage_of_model_version(client, world["records"], "orphans", version.version)
     missing = sorted(n.label for n in graph.nodes.values() if n.missing)
     assert missing == ["missing: no raw source recorded", f"missing: parent run {'0' * 32} not found (deleted?)"]
+
+
+def test_lineage_shows_who_signed_and_what_does_not_verify(tmp_path, monkeypatch, capsys):
+    from registry import actions, signing
+
+    monkeypatch.setenv("MLOPS_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("MLOPS_APPROVAL_KEYRING", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("signed", artifact_location=(tmp_path / "artifacts").as_uri())
+    for k in range(2):
+        run_id = client.create_run(exp, tags={"mlflow.user": "alice"}).info.run_id
+        (tmp_path / "weights.bin").write_bytes(bytes([k]) * 8)
+        client.log_artifact(run_id, str(tmp_path / "weights.bin"), "model")
+        store.register_version(client, "m", f"runs:/{run_id}/model", run_id, {})
+    actions.approve_version(uri, "m", "1", "fine", approver="bob")
+    client.set_model_version_tag("m", "2", "approval_status", "Approved")  # a hand edit
+    key_id = signing.Keyring.load().keys[0].key_id
+    records = tmp_path / "deployments"
+    main(["--tracking-uri", uri, "lineage", "model", "m", "1", "--records-dir", str(records)])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "model m v1: Approved"
+    assert f"signature: signed by bob (local user, key {key_id}) at " in out
+    main(["--tracking-uri", uri, "lineage", "model", "m", "2", "--records-dir", str(records), "--format", "json"])
+    (node,) = [n for n in json.loads(capsys.readouterr().out)["nodes"] if n["kind"] == "model_version"]
+    assert (node["status"], node["claimed_status"], node["signed_by"]) == ("PendingManualApproval", "Approved", None)
+    assert node["unverified"] == "approval_status says Approved but no signed decision exists"
