@@ -17,6 +17,7 @@ import torch
 from ml.config import TrainConfig, flatten
 from ml.data.prepare import Schema, load_split
 from ml.io import atomic_write_json
+from ml.train.callbacks import EarlyStopping
 from ml.train.loop import Callback, LoopState, fit, record_stop, resolve_device, seed_everything
 from ml.train.checkpoints import CheckpointContext, CheckpointHook, MilestoneHook, open_checkpoints, resume_stage
 from ml.model.architectures import MLP, ModelSpec
@@ -85,6 +86,8 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     after every epoch, milestones when a monitored metric improves, and the newest valid training
     checkpoint of the same configuration is resumed (unless ``fresh``). ``hook_factory`` builds
     further hooks that need the model, optimizer or data (histograms, anomaly monitor, progress bar).
+    ``train.early_stopping_patience`` adds :class:`ml.train.callbacks.EarlyStopping`. The state of
+    every hook that has some (``state_key``) is saved in each checkpoint and restored on resume.
     """
     tracker = tracker or NullTracker()
     device = resolve_device(cfg.device)
@@ -108,6 +111,8 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
         print(f"train: {note}", flush=True)
     if hook_factory is not None:
         all_hooks.extend(hook_factory(model, optimizer, Splits(x_train, y_train, x_val, y_val)))
+    if cfg.early_stopping_patience is not None:
+        all_hooks.append(EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_metric))
     states = callback_states(all_hooks)
     if state is not None:
         restore_callbacks(all_hooks, saved_callbacks)

@@ -4,12 +4,11 @@ import math
 
 import pytest
 
-from ml.observe.anomaly import (EVENTS_ARTIFACT, EXPLODING_GRADIENT, LOSS_SPIKE, NONFINITE_LOSS, PLATEAU, AnomalyEvent,
-                        AnomalyMonitor, LossSpike, detect_exploding_gradients, detect_loss_spikes,
-                        detect_nonfinite_losses, detect_plateaus, robust_zscore)
+from ml.observe.anomaly import (EVENTS_ARTIFACT, EXPLODING_GRADIENT, LOSS_SPIKE, NONFINITE_LOSS, AnomalyEvent,
+                                AnomalyMonitor, LossSpike, detect_exploding_gradients, detect_loss_spikes,
+                                detect_nonfinite_losses, robust_zscore)
 from ml.config import AnomalyConfig
-from ml.errors import ConfigError
-from ml.train.loop import LoopState
+from ml.train.loop import LoopState, StepValues
 
 NAN, INF = math.nan, math.inf
 
@@ -43,8 +42,7 @@ class RecordingTracker:
 
 
 def config(**overrides):
-    values = dict(action="warn", loss_spike_window=5, loss_spike_zscore=6.0, max_grad_norm=10.0, patience=2,
-                  patience_metric="val_loss", patience_mode="min")
+    values = dict(action="warn", loss_spike_window=5, loss_spike_zscore=6.0, max_grad_norm=10.0)
     return AnomalyConfig(**{**values, **overrides})
 
 
@@ -103,24 +101,6 @@ def test_exploding_gradients(norms, max_norm, expected):
     assert all(e.kind == EXPLODING_GRADIENT for e in events)
 
 
-@pytest.mark.parametrize("values, patience, mode, expected", [
-    ([5.0, 4.0, 3.0, 2.0, 1.0], 3, "min", []),
-    ([1.0, 1.0, 1.0, 1.0], 3, "min", [4]),
-    ([1.0] * 9, 3, "min", [4]),                               # one event per plateau
-    ([3.0, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0], 3, "min", [5, 9]),   # recovery, then a new plateau
-    ([0.5, 0.6, 0.6, 0.55, 0.6], 3, "max", [5]),
-    ([1.0, 2.0, 3.0], 2, "max", []),
-    ([1.0, NAN, NAN, NAN], 3, "min", [4]),                    # NaN is no improvement
-    ([2.0, 1.0], 1, "min", []),
-    ([1.0, 1.0], 1, "min", [2]),
-], ids=["improving", "constant", "long-plateau-once", "recovery", "max-mode", "max-improving", "nan",
-        "patience-1-improving", "patience-1-flat"])
-def test_plateaus(values, patience, mode, expected):
-    events = detect_plateaus(values, patience, mode)
-    assert steps_of(events) == expected
-    assert all(e.kind == PLATEAU for e in events)
-
-
 @pytest.mark.parametrize("value, window, expected", [
     (3.0, [1.0, 2.0, 3.0, 4.0, 5.0], 0.0),
     (5.0, [1.0, 2.0, 3.0, 4.0, 5.0], 2.0 / 1.4826),
@@ -134,8 +114,6 @@ def test_robust_zscore(value, window, expected):
 @pytest.mark.parametrize("make, message", [
     (lambda: LossSpike(0, 6.0), "window: expected an integer >= 1, got 0"),
     (lambda: LossSpike(5, 0.0), "zscore: expected a number > 0, got 0.0"),
-    (lambda: detect_plateaus([1.0], 0, "min"), "patience: expected an integer >= 1, got 0"),
-    (lambda: detect_plateaus([1.0], 1, "up"), "mode: expected one of min, max, got 'up'"),
     (lambda: detect_exploding_gradients([1.0], -1.0), "max_norm: expected a number > 0 or None, got -1.0"),
     (lambda: robust_zscore(1.0, []), "window: expected at least one value"),
 ])
@@ -148,15 +126,14 @@ def test_bad_arguments(make, message):
 # --- the monitor ------------------------------------------------------------------------------------
 
 
-def drive(monitor, epochs):
-    """Feeds ``epochs``: a list of (step losses, step grad norms, epoch metrics), as ml.train.loop.fit would."""
-    state = LoopState()
-    norms = iter([n for losses, grads, _ in epochs for n in grads])
-    monitor.grad_norm = lambda: next(norms)
-    for losses, _, metrics in epochs:
-        for loss in losses:
+def drive(monitor, epochs, state=None):
+    """Feeds ``epochs``: a list of (step losses, step grad norms, epoch metrics), as ml.train.loop.fit
+    would with a logging interval of one step."""
+    state = state or LoopState()
+    for losses, norms, metrics in epochs:
+        for loss, norm in zip(losses, norms):
             state.global_step += 1
-            monitor.on_step_end(state, loss)
+            monitor.on_log(state, [StepValues(state.global_step, state.epoch + 1, loss, norm)])
             if state.stop:
                 return state
         state.epoch += 1
@@ -168,33 +145,30 @@ def drive(monitor, epochs):
 
 def test_monitor_records_tags_and_writes_events():
     tracker = RecordingTracker()
-    monitor = AnomalyMonitor(config(patience=2), tracker)
+    monitor = AnomalyMonitor(config(), tracker)
     state = drive(monitor, [
         ([1.0] * 5 + [9.0], [1.0] * 6, {"val_loss": 0.5}),          # spike at step 6
         ([1.0, NAN, 1.0], [1.0, NAN, 50.0], {"val_loss": 0.6}),     # NaN loss at 8; norms NaN at 8 and 50 at 9
-        ([1.0], [1.0], {"val_loss": 0.7}),                          # second epoch without improvement
+        ([1.0], [1.0], {"val_loss": 0.7}),                          # a metric that stops improving is no anomaly
     ])
     monitor.close()
 
     assert not state.stop
     assert [(e.kind, e.step, e.epoch) for e in monitor.events] == [
-        (LOSS_SPIKE, 6, 1), (NONFINITE_LOSS, 8, 2), (EXPLODING_GRADIENT, 8, 2), (EXPLODING_GRADIENT, 9, 2),
-        (PLATEAU, 10, 3)]
+        (LOSS_SPIKE, 6, 1), (NONFINITE_LOSS, 8, 2), (EXPLODING_GRADIENT, 8, 2), (EXPLODING_GRADIENT, 9, 2)]
     assert tracker.tags == {"anomaly.loss_spike": 6, "anomaly.nonfinite_loss": 8, "anomaly.exploding_gradient": 8,
-                            "anomaly.plateau": 10, "anomalies": 5}
+                            "anomalies": 4}
     # The count is refreshed with each new kind, at epoch end when it changed, and at close.
     assert tracker.tag_calls == [{"anomaly.loss_spike": 6, "anomalies": 1},
                                  {"anomaly.nonfinite_loss": 8, "anomalies": 2},
                                  {"anomaly.exploding_gradient": 8, "anomalies": 3},
                                  {"anomalies": 4},
-                                 {"anomaly.plateau": 10, "anomalies": 5},
-                                 {"anomalies": 5}]
+                                 {"anomalies": 4}]
     lines = [json.loads(line) for line in tracker.texts[EVENTS_ARTIFACT].splitlines()]
     assert [line["kind"] for line in lines] == [e.kind for e in monitor.events]
     assert lines[1] == {"kind": NONFINITE_LOSS, "step": 8, "epoch": 2, "value": "nan", "threshold": "nan",
                         "message": "loss is nan at step 8"}
     assert lines[3]["value"] == 50.0 and lines[3]["threshold"] == 10.0
-    assert lines[4]["value"] == 0.7 and lines[4]["threshold"] == 0.5
 
 
 def test_monitor_without_anomalies_still_tags_zero_and_writes_an_empty_artifact():
@@ -239,12 +213,24 @@ def test_stop_action_stops_at_the_first_anomaly(caplog):
 
 
 def test_warn_action_never_stops():
-    monitor = AnomalyMonitor(config(action="warn", patience=1))
+    monitor = AnomalyMonitor(config(action="warn"))
     state = drive(monitor, [([NAN, NAN], [INF, INF], {"val_loss": 1.0}), ([NAN], [INF], {"val_loss": 2.0})])
-    assert not state.stop and state.epoch == 2 and len(monitor.events) == 7
+    assert not state.stop and state.epoch == 2 and len(monitor.events) == 6
 
 
-def test_stop_on_plateau_ends_the_real_loop_cleanly():
+def test_state_dict_round_trip_continues_the_window():
+    first = AnomalyMonitor(config())
+    drive(first, [([1.0] * 5, [1.0] * 5, {"val_loss": 1.0}), ([NAN], [1.0], {"val_loss": 1.1})])
+    resumed, fresh = AnomalyMonitor(config()), AnomalyMonitor(config())
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [e.kind for e in resumed.events] == [NONFINITE_LOSS]
+    for monitor in (resumed, fresh):
+        drive(monitor, [([3.0], [1.0], {"val_loss": 1.2})], state=LoopState(epoch=2, global_step=6))
+    assert [e.kind for e in resumed.events] == [NONFINITE_LOSS, LOSS_SPIKE]   # the window came back full
+    assert fresh.events == []                                                 # a fresh window is quiet
+
+
+def test_stop_in_the_real_loop_at_the_step_that_went_wrong():
     import torch
 
     from ml.train.loop import fit, seed_everything
@@ -254,44 +240,13 @@ def test_stop_on_plateau_ends_the_real_loop_cleanly():
     y = (x[:, 0] > 0).long()
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    # val_loss falls, so in "max" mode the second evaluation is already no improvement.
-    monitor = AnomalyMonitor(config(action="stop", patience=1, patience_mode="max"))
-    state = fit(model, optimizer, (x, y), (x, y), epochs=5, batch_size=16, generator=generator, hooks=[monitor])
-    assert state.stop and state.epoch == 2
-    assert [(e.kind, e.epoch) for e in monitor.events] == [(PLATEAU, 2)]
-
-
-def test_grad_norm_source_returning_none_is_skipped():
-    monitor = AnomalyMonitor(config())
-    state = LoopState(global_step=1)
-    monitor.grad_norm = lambda: None
-    monitor.on_step_end(state, 1.0)
-    assert monitor.events == []
-
-
-def test_missing_patience_metric_names_the_key():
-    monitor = AnomalyMonitor(config(patience_metric="val_f1"))
-    with pytest.raises(ConfigError, match=r"^anomaly\.patience_metric: expected one of val_accuracy, val_loss, "
-                                          r"got 'val_f1'$"):
-        monitor.on_epoch_end(LoopState(epoch=1), {"val_loss": 1.0, "val_accuracy": 0.5})
-
-
-def test_patience_off_ignores_metrics():
-    monitor = AnomalyMonitor(config(patience=None, patience_metric="absent"))
-    drive(monitor, [([1.0], [1.0], {"val_loss": 1.0})] * 5)
-    assert monitor.events == []
-
-
-def test_state_dict_round_trip_continues_the_window():
-    first = AnomalyMonitor(config())
-    drive(first, [([1.0] * 5, [1.0] * 5, {"val_loss": 1.0}), ([NAN], [1.0], {"val_loss": 1.1})])
-    resumed = AnomalyMonitor(config())
-    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-    assert [e.kind for e in resumed.events] == [NONFINITE_LOSS]
-    state = LoopState(epoch=2, global_step=7)
-    resumed.on_step_end(state, 3.0)                                 # the window came back full
-    resumed.on_epoch_end(LoopState(epoch=3, global_step=7), {"val_loss": 1.2})   # and the plateau count
-    assert [e.kind for e in resumed.events] == [NONFINITE_LOSS, LOSS_SPIKE, PLATEAU]
+    monitor = AnomalyMonitor(config(action="stop", max_grad_norm=1e-6))
+    state = fit(model, optimizer, (x, y), (x, y), epochs=5, batch_size=16, generator=generator, hooks=[monitor],
+                log_every_steps=3)
+    # the first step's norm is over the limit; the loop learns it at the logging interval, three steps in
+    assert state.stop and state.global_step == 3 and state.epoch == 0
+    assert [e.step for e in monitor.events] == [1, 2, 3] and monitor.stopped_by.step == 1
+    assert state.stop_reason.startswith("anomaly exploding_gradient: gradient norm") and "at step 1 " in state.stop_reason
 
 
 def test_event_to_dict_is_json_safe():

@@ -115,9 +115,7 @@ def stateful_callbacks(kind):
 
     if kind == "early_stopping":
         return [EarlyStopping(2, "val_loss")]
-    fields = dict(action="stop", loss_spike_window=10, loss_spike_zscore=3.0, max_grad_norm=None, patience=None,
-                  patience_metric="val_loss", patience_mode="min")
-    return [AnomalyMonitor(AnomalyConfig(**{k: v for k, v in fields.items()}))]
+    return [AnomalyMonitor(AnomalyConfig(action="stop", loss_spike_window=10, loss_spike_zscore=3.0, max_grad_norm=None))]
 
 
 def train_run(kind, root, crash_step=None, restore=True, seed=3, lr=0.01):
