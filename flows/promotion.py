@@ -3,11 +3,16 @@
     python -m flows.promotion --model NAME --version V [--settings settings.yaml]
     (exit status 0 when promoted, 1 when rejected or timed out)
 
-The registry is the single source of truth. The flow polls the version's approval status every
-``promotion.poll_interval_s``; a decision may come from ``mlops models approve|reject`` or from
-editing the ``approval_status`` tag in the MLflow UI (such an edit has no history event, so the flow
-records one, marked ``via: mlflow-ui``). Approved: the flow moves ``promotion.alias`` to the version
-through :mod:`registry.actions`, which records the previous holder (rollback is one command).
+The registry is the single source of truth, and a decision in it is a signed record
+(:mod:`registry.signing`): the flow polls every ``promotion.poll_interval_s`` for a decision from
+``mlops models approve|reject`` whose signature verifies with the keyring. Tags and aliases set by
+hand (the MLflow UI, a client with EDIT permission) are reported, never adopted: at its start the
+flow names every version whose tags claim a decision the signature does not prove and an alias on a
+version whose approval does not verify ("champion set outside the gate"), and with
+``promotion.revert_unverified_alias`` it moves that alias back to the last verified holder,
+recording that it did in the alias history. Approved: the flow moves ``promotion.alias`` to the
+version through :mod:`registry.actions`, which verifies the weights against the signed record and
+records the previous holder (rollback is one command).
 Rejected: it ends without touching the alias. No decision within ``promotion.timeout_s``: it ends,
 leaving the version pending; ``mlops models promote`` still works later.
 
@@ -69,11 +74,35 @@ promote_task = task(_promote, name="promote", cache_policy=NO_CACHE, retries=2, 
                     retry_condition_fn=should_retry)
 
 
-def _last_event(record: Any) -> str:
-    if not record.history:
-        return ""
-    event = record.history[-1]
-    return f" by {event['by']}: {event['reason']}"
+def _check_gate(tracking_uri: str, name: str, alias: str, revert: bool) -> dict[str, Any]:
+    lines, reverted = actions.check_gate(tracking_uri, name, alias, revert)
+    for line in lines:
+        print(f"outside the gate: {line}")
+    if reverted:
+        where = f"v{reverted['version']}" if reverted["version"] else "no version (none verifies)"
+        print(f"{name}@{alias} moved back to {where}: {reverted['reverted']}")
+    return {"outside_gate": lines, "reverted": reverted}
+
+
+check_gate_task = task(_check_gate, name="check-gate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+                       retry_condition_fn=should_retry)
+
+
+def _signed(verdict: Any) -> str:
+    """" by <approver>: <reason>" from the signed record (the history tag is editable by hand)."""
+    return f" by {verdict.record.approver}: {verdict.record.reason}" if verdict.record else ""
+
+
+def verified_reader(tracking_uri: str, name: str, version: str, last: dict[str, Any]) -> Callable[[], Any]:
+    """A ``read`` for :func:`wait_for_decision`: the version with the status its signature proves;
+    ``last["verdict"]`` keeps the latest verdict, and a tag claim it does not prove is printed once."""
+    def read() -> Any:
+        record, verdict = actions.read_verified(tracking_uri, name, version)
+        if verdict.why and verdict.why != getattr(last.get("verdict"), "why", None):
+            print(f"{name} v{version}: not adopted: {verdict.why}; waiting for a signed decision")
+        last["verdict"] = verdict
+        return record
+    return read
 
 
 @flow(name="promotion", log_prints=True)
@@ -82,8 +111,10 @@ def promotion(model_name: str, version: str, settings_path: str | None = None,
     """Waits for the approval of ``model_name`` ``version`` and promotes it when it is approved.
 
     Returns a Completed state named Promoted, Rejected or TimedOut whose result is a dict with
-    ``outcome``, ``model_name``, ``version``, ``status``, ``alias`` and ``previous`` (the version the
-    alias pointed at before, when promoted). ``settings_path``: the runtime settings file
+    ``outcome``, ``model_name``, ``version``, ``status`` (the signed decision), ``alias``,
+    ``previous`` (the version the alias pointed at before, when promoted), ``outside_gate`` (lines
+    naming what was set by hand) and ``reverted`` (the alias history entry when the alias was moved
+    back, else None). ``settings_path``: the runtime settings file
     (default: settings.yaml of the working directory, or $MLOPS_SETTINGS).
     """
     from prefect.runtime import flow_run
@@ -94,22 +125,24 @@ def promotion(model_name: str, version: str, settings_path: str | None = None,
     version = str(version)
     print(f"waiting for a decision on {model_name} v{version} (every {cfg.poll_interval_s:g} s, "
           f"at most {cfg.timeout_s:g} s)")
-    record = wait_for_decision(lambda: actions.notice_hand_edit(uri, model_name, version), cfg.timeout_s,
-                               cfg.poll_interval_s)
-    result: dict[str, Any] = {"model_name": model_name, "version": version, "alias": cfg.alias, "previous": None}
+    gate = check_gate_task(uri, model_name, cfg.alias, cfg.revert_unverified_alias)
+    last: dict[str, Any] = {}
+    record = wait_for_decision(verified_reader(uri, model_name, version, last), cfg.timeout_s, cfg.poll_interval_s)
+    result: dict[str, Any] = {"model_name": model_name, "version": version, "alias": cfg.alias, "previous": None,
+                              **gate}
     if record is None:
         message = (f"{model_name} v{version}: no decision within {cfg.timeout_s:g} s; still pending, "
                    f"{cfg.alias} untouched")
         return Completed(name=TIMED_OUT, message=message,
                          data={**result, "outcome": TIMED_OUT, "status": PENDING})
     if record.status == REJECTED:
-        message = f"{model_name} v{version} was rejected{_last_event(record)}; {cfg.alias} untouched"
+        message = f"{model_name} v{version} was rejected{_signed(last['verdict'])}; {cfg.alias} untouched"
         return Completed(name=REJECTED_OUTCOME, message=message,
                          data={**result, "outcome": REJECTED_OUTCOME, "status": record.status})
     run_id = str(flow_run.id) if flow_run.id else None
     promoted = promote_task(uri, model_name, version, cfg.alias, run_id)
     previous = f" (was v{promoted['previous']})" if promoted["previous"] else ""
-    message = f"{model_name} v{version} approved{_last_event(record)}; now {cfg.alias}{previous}"
+    message = f"{model_name} v{version} approved{_signed(last['verdict'])}; now {cfg.alias}{previous}"
     return Completed(name=PROMOTED, message=message,
                      data={**result, "outcome": PROMOTED, "status": record.status, "previous": promoted["previous"]})
 

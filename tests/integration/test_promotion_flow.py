@@ -1,7 +1,5 @@
 """The promotion flow under a Prefect test harness, on the embedded SQLite store."""
 
-import threading
-
 import pytest
 from mlflow import MlflowClient
 
@@ -20,16 +18,21 @@ def settings(project, **promotion):
 
 
 @pytest.fixture
-def registry(project):
-    """v1 approved and champion; v2 pending, from a run alice authored; short polls and timeout."""
+def registry(project, monkeypatch):
+    """v1 approved and champion; v2 pending, from a run alice authored, each with its own weights
+    file; the approval key in the project; short polls and timeout."""
     # An absolute URI: MLflow caches one SQLAlchemy engine per URI string, across tests in one process.
     uri = f"sqlite:///{project}/mlflow.db"
+    monkeypatch.setenv("MLOPS_CONFIG_DIR", str(project / "config"))
+    monkeypatch.delenv("MLOPS_APPROVAL_KEYRING", raising=False)
     write_params(project, small_params())
     settings(project)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.create_experiment("promotion", artifact_location=(project / "artifacts").as_uri())
-    for _ in range(2):
+    for k in range(2):
         run = client.create_run(experiment, tags={"mlflow.user": "alice"})
+        (project / "weights.bin").write_bytes(bytes([k]) * 64)
+        client.log_artifact(run.info.run_id, str(project / "weights.bin"), "model")
         store.register_version(client, MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id, {})
     actions.approve_version(uri, MODEL, "1", "baseline", approver="bob")
     actions.promote_version(uri, MODEL, "1")
@@ -42,15 +45,24 @@ def run_flow(version="2"):
 
 
 @pytest.mark.slow
-def test_approval_given_while_waiting_promotes(prefect_harness, registry):
-    uri, client = registry
+def test_approval_given_while_waiting_promotes(prefect_harness, registry, monkeypatch):
+    import flows.promotion
 
-    # The approval arrives while the flow polls (or before its first read: the outcome is the same).
-    approver = threading.Timer(1.0, actions.approve_version, args=(uri, MODEL, "2", "better on the holdout"),
-                               kwargs={"approver": "bob"})
-    approver.start()
+    uri, client = registry
+    seen = []
+
+    def wait_and_approve_after_the_first_read(read, *args, **kwargs):
+        def read_then_decide():
+            record = read()
+            seen.append(record.status)
+            if len(seen) == 1:  # bob decides once the flow has found v2 pending: the next poll sees it
+                actions.approve_version(uri, MODEL, "2", "better on the holdout", approver="bob")
+            return record
+        return wait_for_decision(read_then_decide, *args, **kwargs)
+
+    monkeypatch.setattr(flows.promotion, "wait_for_decision", wait_and_approve_after_the_first_read)
     state, result = run_flow()
-    approver.join()
+    assert seen == ["PendingManualApproval", "Approved"]
     assert state.is_completed() and state.name == PROMOTED, state
     assert result["outcome"] == PROMOTED and result["previous"] == "1"
     assert state.message.startswith(f"{MODEL} v2 approved by bob: better on the holdout; now champion (was v1)")
@@ -67,7 +79,7 @@ def test_rejection_ends_without_touching_the_champion(prefect_harness, registry)
     state, result = run_flow()
     assert state.is_completed() and state.name == REJECTED_OUTCOME
     assert result == {"model_name": MODEL, "version": "2", "alias": "champion", "previous": None,
-                      "outcome": REJECTED_OUTCOME, "status": "Rejected"}
+                      "outcome": REJECTED_OUTCOME, "status": "Rejected", "outside_gate": [], "reverted": None}
     assert "rejected by bob: worse on slice 7; champion untouched" in state.message
     assert store.champion(client, MODEL).version == "1"
     assert len(store.alias_history(client, MODEL)) == 1
@@ -84,27 +96,49 @@ def test_no_decision_times_out(prefect_harness, registry, project):
     assert store.champion(client, MODEL).version == "1"
 
 
+HAND_EDIT = "approval_status says Approved but no signed decision exists"
+
+
+def hand_edit(client):
+    """What an EDIT user does in the MLflow UI: v2's status tag, then the champion alias."""
+    client.set_model_version_tag(MODEL, "2", "approval_status", "Approved")
+    client.set_registered_model_alias(MODEL, "champion", "2")
+
+
 @pytest.mark.slow
-def test_a_hand_edited_tag_is_honored_and_recorded(prefect_harness, registry):
+def test_a_hand_edited_tag_and_alias_are_reported_not_adopted(prefect_harness, registry, project):
     uri, client = registry
-    client.set_model_version_tag(MODEL, "2", "approval_status", "Approved")  # what the MLflow UI does
+    hand_edit(client)
+    settings(project, timeout_s=0.5)
     state, result = run_flow()
-    assert state.name == PROMOTED and result["previous"] == "1"
-    (event,) = store.get_version(client, MODEL, "2").history
-    assert (event["from_status"], event["to_status"], event["via"]) == ("PendingManualApproval", "Approved",
-                                                                        "mlflow-ui")
-    assert store.champion(client, MODEL).version == "2"
+    assert state.name == TIMED_OUT and result["status"] == "PendingManualApproval"
+    assert result["outside_gate"] == [f"{MODEL} v2: unverified: {HAND_EDIT}",
+                                      f"{MODEL}@champion -> v2: champion set outside the gate: {HAND_EDIT}"]
+    assert result["reverted"] is None and store.champion(client, MODEL).version == "2"  # reported only
+    assert store.get_version(client, MODEL, "2").history == ()
 
 
 @pytest.mark.slow
-def test_an_illegal_hand_edit_fails_the_run_and_changes_nothing(prefect_harness, registry):
+def test_an_unverified_champion_is_moved_back_when_configured(prefect_harness, registry, project):
+    uri, client = registry
+    hand_edit(client)
+    settings(project, timeout_s=0.5, revert_unverified_alias=True)
+    state, result = run_flow()
+    assert state.name == TIMED_OUT
+    assert (result["reverted"]["version"], result["reverted"]["previous"]) == ("1", "2")
+    assert store.champion(client, MODEL).version == "1"
+    assert store.alias_history(client, MODEL)[-1] == result["reverted"]
+
+
+@pytest.mark.slow
+def test_a_status_edited_after_a_rejection_stays_rejected(prefect_harness, registry):
     uri, client = registry
     actions.reject_version(uri, MODEL, "2", "no", approver="bob")
     client.set_model_version_tag(MODEL, "2", "approval_status", "Approved")
-    state, _ = run_flow()
-    assert state.is_failed()
-    with pytest.raises(RegistryError, match="was set by hand after Rejected"):
-        state.result()
+    state, result = run_flow()
+    assert state.name == REJECTED_OUTCOME and "rejected by bob: no" in state.message
+    assert result["outside_gate"] == [
+        f"{MODEL} v2: unverified: approval_status says Approved but the signed decision is Rejected"]
     assert store.champion(client, MODEL).version == "1"
     assert len(store.get_version(client, MODEL, "2").history) == 1
 
@@ -163,5 +197,5 @@ def test_command_line_entry(registry, project):
     assert done.stderr.strip().splitlines() == [f"error: model '{MODEL}' version 9: not found in the registry"]
     actions.reject_version(uri, MODEL, "2", "worse", approver="bob")
     done = run_module("flows.promotion", "--model", MODEL, "--version", "2", cwd=project, env=env)
-    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.returncode == 1 and done.stdout.strip(), done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == f"{MODEL} v2 was rejected by bob: worse; champion untouched"
