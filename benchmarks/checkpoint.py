@@ -8,15 +8,18 @@ take about ``--size-mb``, trained on a fixed batch. The same loop runs without c
 each of three ways to checkpoint every ``--every`` steps: ``torch.save`` of the model and optimizer
 state dicts followed by fsync; ``torch.distributed.checkpoint.async_save`` (the previous save is
 awaited before the next, as its documentation asks); and :class:`ml.checkpoint.manager.CheckpointManager`
-through the same call :class:`ml.train.checkpoints.CheckpointHook` makes. The stall of a method is the
+through the same call :class:`ml.train.checkpoints.CheckpointHook` makes, with its defaults (CRC-32C
+digests, writer threads at idle priority), with normal writer priority, and with SHA-256 digests at
+normal priority. The stall of a method is the
 extra wall time of its loop per checkpoint against the loop without checkpoints, the last save
 awaited inside the timed region, estimated per iteration with medians (see
 :func:`stall_per_checkpoint`); methods run interleaved for ``--rounds`` rounds. On CUDA the state
 lives on the GPU, so every method includes the device-to-host copy (ours: into page-locked host
 buffers, on a side stream, overlapped with the next forward and backward).
 
-Durable throughput is the bytes of one of our saves over the time from the save call to the commit
-being durable (files and directory fsynced), with the loop idle, against ``dd if=/dev/zero
+Time to durable is the time from our save call to the commit being durable (files and directory
+fsynced), in the loop (where idle priority lengthens it) and with the loop idle. Durable throughput
+is the bytes of one of our saves over that time with the loop idle, against ``dd if=/dev/zero
 oflag=direct`` of the same size into the same directory. The breakdown says where our time goes;
 checksum and write run in parallel threads, so their busy times overlap in the wall time.
 """
@@ -125,17 +128,17 @@ class DcpAsync:
 
 class Ours:
     """:class:`ml.checkpoint.manager.CheckpointManager`, called as :class:`ml.train.checkpoints.CheckpointHook` does;
-    ``checksum=None`` is the manager's default."""
+    ``checksum`` and ``writer_priority`` None are the manager's defaults."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path,
-                 checksum: str | None = None) -> None:
+                 checksum: str | None = None, writer_priority: str | None = None) -> None:
         from ml.checkpoint.manager import CheckpointManager
 
         self.model, self.optimizer = model, optimizer
         self.stats: list = []
-        options = {} if checksum is None else {"checksum": checksum}
+        options = {k: v for k, v in (("checksum", checksum), ("writer_priority", writer_priority)) if v is not None}
         self.manager = CheckpointManager(directory, keep_last=2, on_saved=self.stats.append, **options)
-        self.label = f"ours ({self.manager.checksum})"
+        self.label = f"ours ({self.manager.checksum}, {self.manager.writer_priority})"
         self.generator = torch.Generator().manual_seed(0)
 
     def state(self, step: int) -> dict:
@@ -249,13 +252,14 @@ def report(args: argparse.Namespace, device: torch.device, base: Path) -> None:
         "none": lambda d: NoCheckpoint(),
         "sync": lambda d: TorchSave(model, optimizer, d),
         "dcp": lambda d: DcpAsync(model, optimizer, d),
-        "ours": lambda d: Ours(model, optimizer, d),
-        "ours_crc": lambda d: Ours(model, optimizer, d, checksum="crc32"),
+        "ours": lambda d: Ours(model, optimizer, d),  # the defaults
+        "ours_normal": lambda d: Ours(model, optimizer, d, writer_priority="normal"),
+        "ours_sha256": lambda d: Ours(model, optimizer, d, checksum="sha256", writer_priority="normal"),
     }
     times: dict[str, list[list[float]]] = {k: [] for k in makers}
     labels = {"none": NoCheckpoint.label, "sync": TorchSave.label, "dcp": DcpAsync.label}
     blocked: dict[str, list[float]] = {k: [] for k in makers}
-    ours_stats: list = []
+    ours_stats: dict[str, list] = {k: [] for k in makers if k.startswith("ours")}
     for round_ in range(args.rounds):
         for key, make in makers.items():
             directory = base / f"{key}-{round_}"
@@ -268,8 +272,7 @@ def report(args: argparse.Namespace, device: torch.device, base: Path) -> None:
             per_iteration, held = run_loop(method, model, optimizer, batch, every=args.every,
                                            checkpoints=args.checkpoints, device=device)
             if key.startswith("ours"):
-                if key == "ours":
-                    ours_stats += method.stats
+                ours_stats[key] += method.stats
                 labels[key] = method.label
                 method.close()
             times[key].append(per_iteration)
@@ -280,25 +283,29 @@ def report(args: argparse.Namespace, device: torch.device, base: Path) -> None:
           f"{args.every} steps ({args.checkpoints} per loop), {args.rounds} interleaved rounds")
     print()
     stall = {}
-    print(f"{'method':<28}{'loop wall s':>12}{'stall/ckpt s':>14}{'call blocked s':>16}")
+    print(f"{'method':<32}{'loop wall s':>12}{'stall/ckpt s':>14}{'call blocked s':>16}{'durable s':>11}")
     for key, label in labels.items():
         stall[key] = stall_per_checkpoint(times[key], times["none"], args.every, args.checkpoints)
         shown = "-" if key == "none" else f"{stall[key]:.3f}"
         held = "-" if key == "none" else f"{statistics.median(blocked[key]):.3f}"
-        print(f"{label:<28}{statistics.median(sum(run) for run in times[key]):>12.2f}{shown:>14}{held:>16}")
-    if ours_stats:
-        step_wait = statistics.median(s.step_wait_s for s in ours_stats)
-        copy = statistics.median(s.copy_s for s in ours_stats)
-        print(f"  ours in the loop: optimizer.step() held {step_wait:.3f} s/ckpt waiting for the snapshot copy "
-              f"({copy:.3f} s, overlapped with forward/backward); writer busy "
-              f"{statistics.median(s.background_s for s in ours_stats):.3f} s/ckpt in the background")
+        durable = f"{statistics.median(s.durable_s for s in ours_stats[key]):.3f}" if ours_stats.get(key) else "-"
+        print(f"{label:<32}{statistics.median(sum(run) for run in times[key]):>12.2f}{shown:>14}{held:>16}"
+              f"{durable:>11}")
+    for key, stats in ours_stats.items():
+        if stats:
+            print(f"  {labels[key]} in the loop: optimizer.step() held "
+                  f"{statistics.median(s.step_wait_s for s in stats):.3f} s/ckpt waiting for the snapshot copy "
+                  f"({statistics.median(s.copy_s for s in stats):.3f} s, overlapped with forward/backward); writer "
+                  f"busy {statistics.median(s.background_s for s in stats):.3f} s/ckpt, checksum "
+                  f"{statistics.median(s.checksum_s for s in stats):.3f} s; save call to durable "
+                  f"{statistics.median(s.durable_s for s in stats):.3f} s")
 
     directory = base / "throughput"
     directory.mkdir()
     ours = Ours(model, optimizer, directory)
     saves = durable_saves(ours, 4, device)[1:]  # the first one also allocates the host buffers
     ours.close()
-    ours_sha = Ours(model, optimizer, directory, checksum="crc32")
+    ours_sha = Ours(model, optimizer, directory, checksum="sha256", writer_priority="normal")
     saves_sha = durable_saves(ours_sha, 3, device)[1:]
     ours_sha.close()
     nbytes = saves[0].bytes_written
@@ -309,7 +316,7 @@ def report(args: argparse.Namespace, device: torch.device, base: Path) -> None:
     durable = statistics.median(s.durable_s for s in saves)
     print(f"{'ours: save call -> durable':<28}{nbytes / 1e9:>8.2f}{durable:>10.3f}{ours_bps / 1e9:>8.2f}")
     sha_durable = statistics.median(s.durable_s for s in saves_sha)
-    print(f"{'ours, crc32 checksums':<28}{nbytes / 1e9:>8.2f}{sha_durable:>10.3f}"
+    print(f"{'ours, sha256, normal':<28}{nbytes / 1e9:>8.2f}{sha_durable:>10.3f}"
           f"{statistics.median(s.bytes_written / s.durable_s for s in saves_sha) / 1e9:>8.2f}")
     print(f"{'dd if=/dev/zero oflag=direct':<28}{nbytes / 1e9:>8.2f}{nbytes / dd_bps:>10.3f}{dd_bps / 1e9:>8.2f}")
     med = {f: statistics.median(getattr(s, f) for s in saves) for f in ("copy_s", "checksum_s", "write_s", "fsync_s")}
@@ -317,12 +324,14 @@ def report(args: argparse.Namespace, device: torch.device, base: Path) -> None:
           f"checksum {med['checksum_s']:.3f} and write {med['write_s']:.3f} (parallel threads), "
           f"fsync+commit {med['fsync_s']:.3f}")
     sha = {f: statistics.median(getattr(s, f) for s in saves_sha) for f in ("checksum_s", "write_s")}
-    print(f"  with crc32 checksums: checksum {sha['checksum_s']:.3f}, write {sha['write_s']:.3f}")
+    print(f"  with sha256 checksums: checksum {sha['checksum_s']:.3f}, write {sha['write_s']:.3f}")
     print()
     x = max(stall["ours"], 0.0) / stall["sync"] if stall["sync"] > 0 else float("nan")
     y = max(stall["ours"], 0.0) / stall["dcp"] if stall["dcp"] > 0 else float("nan")
     z = ours_bps / dd_bps
-    print(f"RESULT stall_vs_sync={x:.3f} stall_vs_dcp={y:.3f} throughput_vs_raw={z:.3f}")
+    durable_loop = statistics.median(s.durable_s for s in ours_stats["ours"])
+    print(f"RESULT stall_vs_sync={x:.3f} stall_vs_dcp={y:.3f} throughput_vs_raw={z:.3f} "
+          f"stall_s={max(stall['ours'], 0.0):.3f} durable_in_loop_s={durable_loop:.3f} durable_idle_s={durable:.3f}")
 
 
 if __name__ == "__main__":

@@ -119,10 +119,10 @@ def _describe(meta: dict[str, Any]) -> str:
 def list_tiers(root: Path, tiers: tuple[str, ...]) -> dict[str, Any]:
     """What ``list`` shows: per tier, its committed checkpoints oldest first, its pointers, and the
     visible directories that are not committed checkpoints."""
-    from ml.checkpoint.manager import CheckpointManager
+    from ml.checkpoint.reader import CheckpointReader
     from ml.checkpoint.store import scan_tier
 
-    manager = CheckpointManager(root, read_only=True)
+    manager = CheckpointReader(root)
     out: dict[str, Any] = {}
     for tier in tiers:
         committed, rejected = scan_tier(manager.tier_dir(tier))
@@ -161,11 +161,11 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from ml.checkpoint.manager import CheckpointCorrupt, CheckpointManager
-    from ml.checkpoint.store import scan_tier
+    from ml.checkpoint.reader import CheckpointReader
+    from ml.checkpoint.store import CheckpointCorrupt, scan_tier
 
     root = checkpoint_root(args)
-    manager = CheckpointManager(root, read_only=True)
+    manager = CheckpointReader(root)
     results = []
     for tier in _tiers(args.tier):
         committed, rejected = scan_tier(manager.tier_dir(tier))
@@ -217,7 +217,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from ml.checkpoint.manager import CheckpointManager, export_release
+    from ml.checkpoint.manager import CheckpointManager
+    from ml.checkpoint.release import export_release
 
     root = checkpoint_root(args)
     _tiers(args.tier, ("training", "milestone"))

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ml.checkpoint.policy import retention_victims
 from ml.checkpoint.store import (
     MANIFEST,
     CheckpointCorrupt,
@@ -130,7 +131,7 @@ class S3Mirror:
             payload = self.read_pointer(tier, pointer)
             if payload is not None:
                 keep_names.add(payload["name"])
-        doomed = [n for n in names[:max(len(names) - keep, 0)] if n not in keep_names]
+        doomed = retention_victims(names, keep, keep_names)
         for name in doomed:
             self.remove(tier, name)
         return doomed

@@ -55,8 +55,10 @@ class Resumed:
 
 
 def open_checkpoints(cfg: Any, on_saved: Callable[[Any], None] | None = None) -> CheckpointManager:
-    """The checkpoint manager for ``cfg``: its root, retention, compression, checksum and S3 mirror."""
-    kwargs: dict[str, Any] = {"keep_last": cfg.keep_last, "on_saved": on_saved, "checksum": cfg.checksum}
+    """The checkpoint manager for ``cfg``: its root, retention, compression, checksum, writer priority
+    and S3 mirror."""
+    kwargs: dict[str, Any] = {"keep_last": cfg.keep_last, "on_saved": on_saved, "checksum": cfg.checksum,
+                              "writer_priority": cfg.writer_priority}
     if cfg.compress != "none":
         kwargs["compress"] = cfg.compress
     if cfg.s3_bucket:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from ml.model.architectures import MLP, ModelSpec
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -226,7 +229,21 @@ def test_a_bucket_name_with_a_slash_is_refused():
         S3Mirror("a/b")
 
 
-def test_nothing_is_imported_or_connected_at_construction(tmp_path):
-    mirror = S3Mirror("bucket", "/a/b/", endpoint_url="http://127.0.0.1:9")
-    assert mirror._client is None and mirror.url("training", "n", "f") == "s3://bucket/a/b/training/n/f"
-    assert Path(mirror.key("milestone", "best_x")) == Path("a/b/milestone/best_x")
+def test_nothing_is_imported_or_connected_at_construction():
+    """In a fresh interpreter (this one has imported boto3 for the other tests): making a mirror
+    and a manager with it imports neither boto3 nor botocore, and connects nowhere (nothing
+    listens on the discard port)."""
+    code = """
+import sys, tempfile
+from ml.checkpoint.manager import CheckpointManager
+from ml.checkpoint.s3 import S3Mirror
+mirror = S3Mirror("bucket", "/a/b/", endpoint_url="http://127.0.0.1:9")
+with tempfile.TemporaryDirectory() as root:
+    CheckpointManager(root, mirror=mirror).close()
+assert mirror._client is None
+print(mirror.url("training", "n", "f"), mirror.key("milestone", "best_x"))
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "s3transfer")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["s3://bucket/a/b/training/n/f a/b/milestone/best_x", "[]"]

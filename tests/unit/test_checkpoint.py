@@ -10,6 +10,7 @@ import pickle
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,12 +25,9 @@ from ml.checkpoint.manager import (
     CheckpointLocked,
     CheckpointManager,
     InvalidVersion,
-    is_improvement,
-    is_semver,
-    should_save,
 )
 from ml.checkpoint.state import capture_rng_state, restore_rng_state
-from ml.checkpoint.store import encode_manifest
+from ml.checkpoint.store import encode_manifest, write_pointer
 from ml.errors import PipelineError
 from ml.train.checkpoints import CheckpointHook
 from ml.train.loop import LoopState
@@ -46,55 +44,6 @@ def small_state(step: int) -> dict:
 def manager(tmp_path):
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         yield mgr
-
-
-# --- pure decisions ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("best", "value", "mode", "expected"), [
-    (None, 1.0, "min", True),
-    (None, 1.0, "max", True),
-    (1.0, 0.5, "min", True),
-    (1.0, 1.0, "min", False),  # a tie is not an improvement
-    (1.0, 1.5, "min", False),
-    (1.0, 1.5, "max", True),
-    (1.0, 1.0, "max", False),
-    (1.0, 0.5, "max", False),
-    (None, math.nan, "min", False),
-    (1.0, math.nan, "max", False),
-    (1.0, -math.inf, "min", False),
-])
-def test_is_improvement(best, value, mode, expected):
-    assert is_improvement(best, value, mode) is expected
-
-
-def test_is_improvement_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="mode"):
-        is_improvement(None, 1.0, "minimum")
-
-
-@pytest.mark.parametrize(("version", "valid"), [
-    ("0.0.0", True), ("1.2.3", True), ("10.20.30", True), ("1.0.0-alpha", True), ("1.0.0-alpha.1", True),
-    ("1.0.0-0.3.7", True), ("1.0.0-x-y-z.--", True), ("1.0.0+build.5", True), ("1.0.0-rc.1+sha.5114f85", True),
-    ("1", False), ("1.2", False), ("1.2.3.4", False), ("v1.2.3", False), ("01.2.3", False), ("1.02.3", False),
-    ("1.2.03", False), ("1.2.3-", False), ("1.2.3-01", False), ("1.2.3+", False), ("1.2.3-a..b", False),
-    ("1.2.3 ", False), ("", False), ("1.2.3/../x", False), ("１.2.3", False),
-])
-def test_is_semver(version, valid):
-    assert is_semver(version) is valid
-
-
-@pytest.mark.parametrize(("step", "every_steps", "last", "now", "every_seconds", "expected"), [
-    (4, 4, 0.0, 1.0, None, True),
-    (5, 4, 0.0, 1.0, None, False),
-    (5, None, 0.0, 1.0, None, False),
-    (5, None, 0.0, 9.9, 10.0, False),
-    (5, None, 0.0, 10.0, 10.0, True),
-    (5, 4, 0.0, 11.0, 10.0, True),  # either condition is enough
-    (8, 4, 0.0, 1.0, 10.0, True),
-])
-def test_should_save(step, every_steps, last, now, every_seconds, expected):
-    assert should_save(step, every_steps, last, now, every_seconds) is expected
 
 
 # --- format -------------------------------------------------------------------------------------
@@ -157,7 +106,7 @@ def test_prune_never_deletes_the_pointer_target(tmp_path):
     with CheckpointManager(tmp_path, keep_last=3) as mgr:
         for step in (1, 2, 3):
             mgr.save_training_checkpoint(small_state(step), step).result()
-        checkpoint.write_pointer(mgr.tier_dir("training"), "latest", {"name": "step-00000001"})
+        write_pointer(mgr.tier_dir("training"), "latest", {"name": "step-00000001"})
         assert mgr.prune("training", keep=1) == ["step-00000002"]
         assert mgr.list("training") == ["step-00000001", "step-00000003"]
 
@@ -191,19 +140,29 @@ def test_stats_reach_the_callback(tmp_path):
 
 
 def test_one_save_in_flight_the_next_one_waits(tmp_path, monkeypatch):
+    release, writing = threading.Event(), threading.Event()
     real_commit = checkpoint.commit_checkpoint
 
-    def slow_commit(*args, **kwargs):
-        time.sleep(0.3)
+    def held_commit(*args, **kwargs):  # the first commit is held until the test releases it
+        writing.set()
+        assert release.wait(30)
         return real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "commit_checkpoint", slow_commit)
+    monkeypatch.setattr(checkpoint, "commit_checkpoint", held_commit)
+    second: list = []
     with CheckpointManager(tmp_path) as mgr:
         first = mgr.save_training_checkpoint(small_state(1), 1)
-        assert not first.done()  # the call returned while the write goes on
-        second = mgr.save_training_checkpoint(small_state(2), 2)
-        assert first.done()
-        assert second.result().waited_s >= 0.2
+        assert writing.wait(30) and not first.done()  # the call returned while the write goes on
+        caller = threading.Thread(target=lambda: second.append(mgr.save_training_checkpoint(small_state(2), 2)))
+        caller.start()
+        caller.join(0.3)
+        assert caller.is_alive() and not second, "the second save did not wait for the first"
+        release.set()
+        caller.join(30)
+        assert first.done() and first.result().name == "step-00000001"
+        stats = second[0].result()
+    assert stats.waited_s > 0 and stats.name == "step-00000002"
+    assert mgr.list("training") == ["step-00000001", "step-00000002"]
     assert CheckpointManager(tmp_path, read_only=True).list("training") == ["step-00000001", "step-00000002"]
 
 
@@ -448,7 +407,7 @@ import json, sys
 import torch
 from ml.checkpoint.manager import CheckpointManager
 from ml.train.checkpoints import CheckpointHook, resume as resume_from_checkpoints
-from ml.train.loop import fit, seed_everything
+from ml.train.loop import Callback, fit, seed_everything
 from ml.model.architectures import MLP, ModelSpec
 
 EPOCHS, BATCH, N = 3, 16, 100   # 7 batches per epoch, 21 steps
@@ -458,19 +417,16 @@ class Interrupted(Exception):
     pass
 
 
-class Recorder:
+class Recorder(Callback):
     def __init__(self, scheduler):
         self.losses, self.scheduler = [], scheduler
 
-    def on_step_end(self, state, loss):
-        self.losses.append(loss)
+    def on_step_end(self, state, step):
+        self.losses.append(step.loss.item())
         self.scheduler.step()  # so the scheduler's state matters to the resume
 
-    def on_epoch_end(self, state, metrics):
-        pass
 
-
-class CrashAt:
+class CrashAt(Callback):
     def __init__(self, manager, step=None, epoch=None):
         self.manager, self.step, self.epoch = manager, step, epoch
 

@@ -70,7 +70,7 @@ def test_verify_passes_then_names_the_altered_file_and_exits_non_zero(project, c
     victim.write_bytes(bytes(data))
     proc = mlops(project, "verify", "--tier", "training")
     assert "ok       training/step-00000010" in proc.stdout
-    assert "CORRUPT  training/step-00000020:" in proc.stdout and "model.safetensors: SHA-256 differs" in proc.stdout
+    assert "CORRUPT  training/step-00000020:" in proc.stdout and "model.safetensors: CRC-32C differs" in proc.stdout
     assert "1 of 3 checkpoints" in one_error_line(proc) and proc.returncode == 2
     assert mlops(project, "verify", "step-00000030").returncode == 0
 

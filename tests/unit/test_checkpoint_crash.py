@@ -1,13 +1,18 @@
 """Crash safety: a writer SIGKILLed at random moments never leaves a partial checkpoint listed, and
-every committed checkpoint stays loadable and byte-identical."""
+every committed checkpoint stays loadable and byte-identical.
+
+The moment is a file-system call: the child kills itself just before its N-th write, fsync, rename,
+truncate, mkdir or delete (N drawn from a seeded generator), so every step of the commit protocol,
+the pointer update and retention is hit, and a failure is reproducible."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import random
 import signal
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,8 @@ from ml.checkpoint.manager import CheckpointManager
 from ml.checkpoint.store import read_manifest, read_pointer, scan_tier
 
 KILLS = 24
+# The os functions a commit, a pointer update and a deletion go through.
+WATCHED = ("pwrite", "write", "fsync", "rename", "replace", "ftruncate", "mkdir", "unlink", "rmdir")
 
 
 def state_for(step: int) -> dict:
@@ -25,12 +32,30 @@ def state_for(step: int) -> dict:
             "loop": {"step": step}}
 
 
-def save_forever(root: str) -> None:
-    """The child: resumes the step count from disk and saves (asynchronously) until killed."""
+def kill_before_call(kill_at: int) -> None:
+    """SIGKILLs this process just before its ``kill_at``-th call of a :data:`WATCHED` function."""
+    counter, lock = itertools.count(1), threading.Lock()
+
+    def watch(real):
+        def call(*args, **kwargs):
+            with lock:
+                n = next(counter)
+            if n == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return call
+
+    for name in WATCHED:
+        setattr(os, name, watch(getattr(os, name)))
+
+
+def save_forever(root: str, kill_at: int) -> None:
+    """The child: resumes the step count from disk and saves (asynchronously) until it kills itself."""
     torch.set_num_threads(1)
     mgr = CheckpointManager(root, keep_last=2)
     latest = mgr.latest("training")
     step = mgr.describe("training", latest)["step"] + 1 if latest else 1
+    kill_before_call(kill_at)
     while True:
         mgr.save_training_checkpoint(state_for(step), step)
         step += 1
@@ -45,11 +70,9 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_checkpoint(tmp_path: P
     digests: dict[str, dict] = {}  # name -> manifest files, first time it was seen committed
     killed_mid_save = 0
     for _ in range(KILLS):
-        child = fork.Process(target=save_forever, args=(str(root),), daemon=True)
+        child = fork.Process(target=save_forever, args=(str(root), rng.randint(1, 150)), daemon=True)
         child.start()
-        time.sleep(rng.uniform(0.05, 0.35))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(10)
+        child.join(120)
         assert child.exitcode == -signal.SIGKILL
 
         leftovers = [p.name for p in tier.iterdir() if p.name.startswith(".")] if tier.exists() else []

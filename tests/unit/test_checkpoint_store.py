@@ -15,13 +15,9 @@ import pytest
 import torch
 
 import ml.checkpoint.store as store
-from ml.checkpoint.manager import (
-    CheckpointCorrupt,
-    CheckpointManager,
-    export_release,
-    release_documents,
-    resolve_checkpoint,
-)
+import ml.checkpoint.snapshot as snapshot
+from ml.checkpoint.manager import CheckpointCorrupt, CheckpointManager
+from ml.checkpoint.release import export_release, release_documents, resolve_checkpoint
 from ml.checkpoint.store import MANIFEST, encode_manifest, read_manifest
 from ml.errors import PipelineError
 
@@ -34,7 +30,16 @@ def state(step: int, n: int = 4) -> dict:
 # --- layout ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+def expected_digest(checksum: str, raw: bytes) -> str:
+    """Each checksum computed here by its own library, not by the code under test."""
+    import crc32c
+
+    if checksum == "sha256":
+        return hashlib.sha256(raw).hexdigest()
+    return f"{crc32c.crc32c(raw):08x}" if checksum == "crc32c" else f"{zlib.crc32(raw):08x}"
+
+
+@pytest.mark.parametrize("checksum", ["crc32c", "crc32", "sha256"])
 def test_a_large_file_starts_its_data_on_a_page_and_plain_safetensors_reads_it(tmp_path, checksum):
     from safetensors.torch import load_file
 
@@ -49,8 +54,7 @@ def test_a_large_file_starts_its_data_on_a_page_and_plain_safetensors_reads_it(t
         for key, value in load_file(str(path)).items():
             assert torch.equal(value, big["model"][key]), key
         entry = read_manifest(path.parent)["files"]["model.safetensors"]
-        digest = hashlib.sha256(raw).hexdigest() if checksum == "sha256" else f"{zlib.crc32(raw):08x}"
-        assert entry == {"size": len(raw), checksum: digest}
+        assert entry == {"size": len(raw), checksum: expected_digest(checksum, raw)}
         loaded = mgr.load_checkpoint("training", "step-00000001")["model"]
         assert all(torch.equal(loaded[k], v) for k, v in big["model"].items())
 
@@ -103,7 +107,7 @@ def test_every_change_to_a_compressed_file_is_detected_naming_it(tmp_path):
             flipped[pos] ^= 0x10
             path.write_bytes(bytes(flipped))
             for check in (mgr.verify, mgr.load_checkpoint):
-                with pytest.raises(CheckpointCorrupt, match="model.safetensors.zst: SHA-256 differs"):
+                with pytest.raises(CheckpointCorrupt, match="model.safetensors.zst: CRC-32C differs"):
                     check("training", "step-00000001")
         path.write_bytes(original[:-5])
         with pytest.raises(CheckpointCorrupt, match=r"model.safetensors.zst: size .*\(truncated"):
@@ -142,20 +146,26 @@ def test_a_compressed_entry_without_raw_size_or_listed_twice_is_refused(tmp_path
             store.decode_manifest(raw, tmp_path / "x" / MANIFEST)
 
 
-def test_crc32_checksums_catch_every_flipped_byte_of_the_training_tier(tmp_path):
-    with CheckpointManager(tmp_path, checksum="crc32") as mgr:
+@pytest.mark.parametrize(("checksum", "label"), [("crc32c", "CRC-32C"), ("crc32", "CRC-32")])
+def test_crc_checksums_catch_every_flipped_bit_and_truncation_of_the_training_tier(tmp_path, checksum, label):
+    with CheckpointManager(tmp_path, checksum=checksum) as mgr:
         mgr.save_training_checkpoint(state(1, n=20), 1).result()
         ckpt = mgr.tier_dir("training") / "step-00000001"
-        assert all(set(entry) == {"size", "crc32"} for entry in read_manifest(ckpt)["files"].values())
+        assert all(set(entry) == {"size", checksum} for entry in read_manifest(ckpt)["files"].values())
         for name in ("model.safetensors", "state.json"):
             path = ckpt / name
             original = path.read_bytes()
             for pos in range(len(original)):
-                flipped = bytearray(original)
-                flipped[pos] ^= 1 << (pos % 8)
-                path.write_bytes(bytes(flipped))
-                with pytest.raises(CheckpointCorrupt, match=f"{name}: CRC-32 differs"):
-                    mgr.verify("training", "step-00000001")
+                for bit in range(8):
+                    flipped = bytearray(original)
+                    flipped[pos] ^= 1 << bit
+                    path.write_bytes(bytes(flipped))
+                    with pytest.raises(CheckpointCorrupt, match=f"{name}: {label} differs"):
+                        mgr.verify("training", "step-00000001")
+            for cut in (0, 1, len(original) // 2, len(original) - 1):
+                path.write_bytes(original[:cut])
+                with pytest.raises(CheckpointCorrupt, match=f"{name}: size {cut} != {len(original)}"):
+                    mgr.load_checkpoint("training", "step-00000001")
             path.write_bytes(original)
         assert mgr.load_checkpoint("training", "step-00000001")["loop"]["step"] == 1
         mgr.save_milestone_checkpoint(state(1), "loss", 1.0, "min", epoch=1, step=1)
@@ -169,7 +179,7 @@ def test_an_entry_with_two_checksums_or_an_unknown_one_is_malformed(tmp_path):
         raw = encode_manifest({"format": 1, "name": "x", "created_ns": 1, "meta": {}, "files": {"a.json": entry}})
         with pytest.raises(CheckpointCorrupt, match="malformed entry for 'a.json'"):
             store.decode_manifest(raw, tmp_path / "x" / MANIFEST)
-    with pytest.raises(ValueError, match="checksum must be one of sha256, crc32"):
+    with pytest.raises(ValueError, match="checksum must be one of sha256, crc32c, crc32"):
         CheckpointManager(tmp_path, checksum="md5")
 
 
@@ -184,13 +194,13 @@ def test_unknown_compression_is_refused():
 def test_the_optimizer_step_waits_for_the_background_copy_and_the_checkpoint_holds_the_old_values(tmp_path,
                                                                                                     monkeypatch):
     release = threading.Event()
-    real_complete = store.Snapshot.complete
+    real_complete = snapshot.Snapshot.complete
 
     def held_complete(self):
         release.wait(30)
         real_complete(self)
 
-    monkeypatch.setattr(store.Snapshot, "complete", held_complete)
+    monkeypatch.setattr(snapshot.Snapshot, "complete", held_complete)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model(torch.ones(1, 3)).sum().backward()
