@@ -8,8 +8,9 @@ commands, the promotion flow), so each request is checked the same way before an
 2. the version exists;
 3. with an authenticating server, the user holds MANAGE on the registered model (or is an admin).
 
-Then :mod:`registry.store` decides, signs and writes: the signed record names the approver and how
-they were identified. A 401/403 from the server on any call becomes a one-line :class:`RegistryError`.
+Then :mod:`registry.store` decides, signs and writes (or, with ``$MLOPS_APPROVAL_SERVICE``, the
+team's approval service does, after the same checks: :mod:`registry.service`): the signed record
+names the approver and how they were identified. A 401/403 from the server on any call becomes a one-line :class:`RegistryError`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ml.errors import RegistryError
 from registry import gate, store
 from registry.approval import APPROVED, CHAMPION, REJECTED, VIA_CLI
 from registry.auth import check_can_manage, denied_as_error, server_identity
+from registry.service import SERVICE_ENV, request_decision
 from registry.signing import Keyring, Verdict
 from registry.store import VersionRecord
 
@@ -76,6 +78,10 @@ def _decide(tracking_uri: str, name: str, version: str | int, target: str, reaso
     client = registry_client(tracking_uri)
     with denied_as_error(what):
         by, identity = acting_user(tracking_uri, client, name, version, what, claimed=approver)
+        service = os.environ.get(SERVICE_ENV)
+        if service:  # the team's approval service signs; this user holds no key
+            request_decision(service, tracking_uri, name, version, target, reason, allow_self_approval, what)
+            return store.get_version(client, name, version)
         return store.decide(client, name, version, target, by, reason, allow_self_approval, via=via,
                             identity=identity)
 
