@@ -64,7 +64,7 @@ from ml.checkpoint.store import (
     remove_checkpoint,
     write_pointer,
 )
-from ml.checkpoint.writers import IOTimes, bytes_writer
+from ml.checkpoint.writers import IdleThreads, IOTimes, bytes_writer
 from ml.errors import PipelineError
 
 __all__ = [
@@ -110,11 +110,12 @@ class SaveStats:
 
 
 class _InFlight:
-    """The training save being written: its snapshot (which the optimizer guard waits on) and the
-    time an optimizer step spent waiting for it."""
+    """The training save being written: its snapshot (which the optimizer guard waits on), the time
+    an optimizer step spent waiting for it, and its idle writer threads (None at normal priority)."""
 
-    def __init__(self, snapshot: Any) -> None:
+    def __init__(self, snapshot: Any, idle: IdleThreads | None) -> None:
         self.snapshot = snapshot
+        self.idle = idle
         self.step_wait_s = 0.0
 
 
@@ -144,8 +145,9 @@ class CheckpointManager(CheckpointReader):
         writer_priority: ``"idle"`` runs the training tier's checksum and write threads at idle
             scheduling priority, so they take only CPU time the training leaves: less stall, and
             a commit that is durable later when the training keeps every core busy (the snapshot
-            copy keeps normal priority, since the next ``optimizer.step()`` waits for it).
-            ``"normal"`` shares the CPU evenly.
+            copy keeps normal priority, since the next ``optimizer.step()`` waits for it). Once
+            anything waits for the save (the next save, :meth:`wait`, :meth:`close`), its threads
+            go back to normal priority. ``"normal"`` shares the CPU evenly.
         mirror: an :class:`ml.checkpoint.s3.S3Mirror` that each commit is uploaded to after the local
             commit, with retention and pointers; checkpoints are restored from it when the local
             copy is missing.
@@ -256,7 +258,9 @@ class CheckpointManager(CheckpointReader):
         self.wait()
         waited = time.perf_counter() - started
         snapshot = snapshot_state(state, self._buffers, deferred=_step_modified(optimizer))
-        inflight = _InFlight(snapshot)
+        # A synchronous save has its caller waiting: its writers keep normal priority.
+        idle = IdleThreads() if self.writer_priority == "idle" and self._async else None
+        inflight = _InFlight(snapshot, idle)
         if snapshot.has_deferred and optimizer is not None:
             self._guard(optimizer)
         call_s = time.perf_counter() - started
@@ -265,7 +269,6 @@ class CheckpointManager(CheckpointReader):
             t0 = time.perf_counter()
             snapshot.complete()
             times = IOTimes()
-            idle = self.writer_priority == "idle"
             writers = {**snapshot.writers(times, self.compress, self.compress_level, self.checksum, idle),
                        **extra_writers}
             result = commit_checkpoint(self.tier_dir("training"), name, writers, meta, replace=True,
@@ -311,6 +314,8 @@ class CheckpointManager(CheckpointReader):
     def wait(self) -> SaveStats | None:
         """Blocks until the save in flight is committed; re-raises its error if it failed."""
         pending, self._pending = self._pending, None
+        if self._inflight is not None and self._inflight.idle is not None:
+            self._inflight.idle.restore()  # the caller waits for it: yielding the CPU gains nothing now
         try:
             return pending.result() if pending is not None else None
         finally:

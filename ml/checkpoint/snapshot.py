@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ml.checkpoint.store import STATE_JSON, ZSTD_SUFFIX, CheckpointCorrupt
-from ml.checkpoint.writers import DIRECT_MIN, IOTimes, bytes_writer, write_image, write_zstd
+from ml.checkpoint.writers import DIRECT_MIN, IdleThreads, IOTimes, bytes_writer, write_image, write_zstd
 
 __all__ = ["FileImage", "HostBuffer", "Snapshot", "decode_state", "snapshot_state"]
 
@@ -207,10 +207,11 @@ class Snapshot:
             self.copied.wait()
 
     def writers(self, times: IOTimes | None = None, compress: str = "none", level: int = 3,
-                checksum: str = "sha256", idle: bool = False) -> dict[str, Callable[[Path], dict[str, Any]]]:
+                checksum: str = "sha256",
+                idle: IdleThreads | None = None) -> dict[str, Callable[[Path], dict[str, Any]]]:
         """One writer per file: the images (compressed as ``<fname>.zst`` with ``compress="zstd"``)
         and ``state.json``, each recording its ``checksum``; with ``idle``, an image's write thread
-        runs at idle priority."""
+        is one of its idle threads."""
         times = times or IOTimes()
         out: dict[str, Callable[[Path], dict[str, Any]]] = {}
         for fname, image in sorted(self.images.items(), key=lambda item: -item[1].size):

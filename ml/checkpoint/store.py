@@ -36,7 +36,7 @@ from ml.checkpoint.checksums import (
     is_checksum_hex,
     new_digest,
 )
-from ml.checkpoint.writers import IOTimes, fsync_file, write_durably, yield_cpu
+from ml.checkpoint.writers import IdleThreads, IOTimes, fsync_file, write_durably
 from ml.errors import PipelineError
 from ml.io import atomic_write, fsync_dir
 
@@ -177,7 +177,7 @@ def new_tmp_dir(tier_root: Path, name: str) -> Path:
 
 def commit_checkpoint(tier_root: Path, name: str, writers: Mapping[str, Callable[[Path], dict[str, Any] | None]],
                       meta: Mapping[str, Any], *, replace: bool = False, workers: int = 2,
-                      times: IOTimes | None = None, idle: bool = False) -> CommitResult:
+                      times: IOTimes | None = None, idle: IdleThreads | None = None) -> CommitResult:
     """Writes a checkpoint and commits it.
 
     Each ``writers[fname](path)`` writes one file into the temporary directory, fsyncs it and
@@ -189,9 +189,8 @@ def commit_checkpoint(tier_root: Path, name: str, writers: Mapping[str, Callable
     Args:
         replace: whether an existing checkpoint of the same name is swapped out (training tier,
             e.g. after resuming from an older one); otherwise :class:`CheckpointExists`.
-        idle: the files are written by threads at idle scheduling priority (see
-            :func:`ml.checkpoint.writers.yield_cpu`); the manifest and the renames stay in the
-            calling thread.
+        idle: the files are written by threads that enter it (idle scheduling priority until it
+            is restored); the manifest and the renames stay in the calling thread.
     """
     if not is_valid_name(name):
         raise ValueError(f"invalid checkpoint name {name!r}")
@@ -217,9 +216,9 @@ def commit_checkpoint(tier_root: Path, name: str, writers: Mapping[str, Callable
             return entry
 
         names = list(writers)
-        if idle or (workers > 1 and len(names) > 1):
+        if idle is not None or (workers > 1 and len(names) > 1):
             with ThreadPoolExecutor(max_workers=max(1, min(workers, len(names))), thread_name_prefix="checkpoint-file",
-                                    initializer=yield_cpu if idle else None) as pool:
+                                    initializer=idle.enter if idle is not None else None) as pool:
                 entries = dict(zip(names, pool.map(write_one, names)))
         else:
             entries = {fname: write_one(fname) for fname in names}

@@ -6,9 +6,10 @@ hash runs in one thread while the write runs in another, with ``O_DIRECT`` for l
 the filesystem allows it, so the data is copied once. ``.safetensors.zst`` files are compressed
 while written, a chunk at a time.
 
-Writer threads can run at idle scheduling priority (:func:`yield_cpu`): on a machine whose cores
+Writer threads can run at idle scheduling priority (:class:`IdleThreads`): on a machine whose cores
 the training keeps busy, the writer then only gets the CPU time training leaves, which keeps the
-training loop's stall down and makes the commit later.
+training loop's stall down and makes the commit later. Once someone waits for the commit, the
+threads go back to normal priority: nobody then gains from their yielding.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ml.checkpoint.checksums import new_digest
 if TYPE_CHECKING:
     from ml.checkpoint.snapshot import FileImage
 
-__all__ = ["IOTimes", "bytes_writer", "fsync_file", "write_durably", "write_image", "write_zstd", "yield_cpu"]
+__all__ = ["IOTimes", "IdleThreads", "bytes_writer", "fsync_file", "write_durably", "write_image", "write_zstd",
+           "yield_cpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,45 @@ def yield_cpu() -> None:
         if not _warned_priority:
             _warned_priority = True
             logger.warning("checkpoint writer threads keep normal priority: %s", exc)
+
+
+class IdleThreads:
+    """The writer threads of one commit, at idle priority until :meth:`restore` is called.
+
+    Each writer thread calls :meth:`enter` first; :meth:`restore` (called when the training thread
+    starts waiting for the commit) puts every one of them back to normal priority, and a thread
+    that enters afterwards stays normal. Restoring needs no privilege on Linux as long as the
+    thread's nice value is allowed by ``RLIMIT_NICE``; where it is not, the threads stay idle
+    (logged once).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tids: set[int] = set()
+        self._restored = False
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._restored:
+                return
+            self._tids.add(threading.get_native_id())
+            yield_cpu()
+
+    def restore(self) -> None:
+        global _warned_priority
+        with self._lock:
+            if self._restored:
+                return
+            self._restored = True
+            for tid in self._tids:
+                try:
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                except ProcessLookupError:  # that thread is done
+                    continue
+                except OSError as exc:
+                    if not _warned_priority:
+                        _warned_priority = True
+                        logger.warning("checkpoint writer threads stay at idle priority: %s", exc)
 
 
 @dataclass
@@ -132,10 +173,10 @@ def _pwrite_all(fd: int, data: memoryview, direct: bool) -> None:
 
 
 def write_image(path: Path, image: FileImage, times: IOTimes, checksum: str = "sha256",
-                idle: bool = False) -> dict[str, Any]:
+                idle: IdleThreads | None = None) -> dict[str, Any]:
     """Writes and hashes a file image in one pass over memory: the write (O_DIRECT where possible,
     whole pages, then truncated to size) runs in a second thread while this one hashes. With
-    ``idle``, that thread runs at idle priority (see :func:`yield_cpu`)."""
+    ``idle``, that thread is one of its idle threads."""
     data = image.view()
     caller = threading.current_thread()
     fd, direct = _open_new(path, image.direct)
@@ -143,8 +184,8 @@ def write_image(path: Path, image: FileImage, times: IOTimes, checksum: str = "s
         failure: list[BaseException] = []
 
         def write() -> None:
-            if idle and threading.current_thread() is not caller:
-                yield_cpu()
+            if idle is not None and threading.current_thread() is not caller:
+                idle.enter()
             started = time.perf_counter()
             try:
                 padded = image.padded_view() if direct else data

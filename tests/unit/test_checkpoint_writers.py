@@ -4,6 +4,7 @@ one-shot one, and the training tier's writer threads at idle scheduling priority
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from ml.checkpoint.checksums import CHECKSUMS, file_digest, new_digest
 from ml.checkpoint.manager import CheckpointManager
 from ml.checkpoint.snapshot import Snapshot
 from ml.checkpoint.store import commit_checkpoint, read_manifest
-from ml.checkpoint.writers import bytes_writer
+from ml.checkpoint.writers import IdleThreads, bytes_writer
 
 needs_sched_idle = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 
@@ -59,7 +60,8 @@ def probe(policies: list[int]):
 def test_commit_writes_files_at_the_priority_asked_for_and_leaves_the_caller_alone(tmp_path, idle, expected):
     policies: list[int] = []
     before = os.sched_getscheduler(0)
-    commit_checkpoint(tmp_path, "c", {"a.json": probe(policies), "b.json": probe(policies)}, {}, idle=idle)
+    commit_checkpoint(tmp_path, "c", {"a.json": probe(policies), "b.json": probe(policies)}, {},
+                      idle=IdleThreads() if idle else None)
     assert policies == [getattr(os, expected)] * 2
     assert os.sched_getscheduler(0) == before == os.SCHED_OTHER
     assert set(read_manifest(tmp_path / "c")["files"]) == {"a.json", "b.json"}
@@ -95,3 +97,60 @@ def test_the_training_tier_writes_at_writer_priority_and_milestones_at_normal(tm
 def test_an_unknown_writer_priority_is_refused(tmp_path):
     with pytest.raises(ValueError, match="writer_priority must be one of normal, idle; got 'high'"):
         CheckpointManager(tmp_path, writer_priority="high")
+
+
+@needs_sched_idle
+def test_restore_puts_entered_threads_back_to_normal_and_later_ones_stay_normal():
+    idle, entered, go, seen = IdleThreads(), threading.Event(), threading.Event(), []
+
+    def writer():
+        idle.enter()
+        seen.append(os.sched_getscheduler(0))
+        entered.set()
+        assert go.wait(30)
+        seen.append(os.sched_getscheduler(0))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert entered.wait(30)
+    idle.restore()
+    go.set()
+    thread.join(30)
+    late = threading.Thread(target=lambda: (idle.enter(), seen.append(os.sched_getscheduler(0))))
+    late.start()
+    late.join(30)
+    assert seen == [os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_OTHER]
+
+
+@needs_sched_idle
+def test_waiting_for_a_save_puts_its_writer_threads_back_to_normal(tmp_path, monkeypatch):
+    entered, release, restored = threading.Event(), threading.Event(), threading.Event()
+    writer: dict = {}
+    real_commit, real_restore = manager_module.commit_checkpoint, IdleThreads.restore
+
+    def held(path):  # a writer thread of the save, held until the test has looked at it
+        writer["tid"], writer["before"] = threading.get_native_id(), os.sched_getscheduler(0)
+        entered.set()
+        assert release.wait(30)
+        return bytes_writer(b"{}")(path)
+
+    def commit_with_held_writer(tier_root, name, writers, meta, **kwargs):
+        return real_commit(tier_root, name, {**writers, "held.json": held}, meta, **kwargs)
+
+    def restore(self):
+        real_restore(self)
+        restored.set()
+
+    monkeypatch.setattr(manager_module, "commit_checkpoint", commit_with_held_writer)
+    monkeypatch.setattr(IdleThreads, "restore", restore)
+    with CheckpointManager(tmp_path, writer_priority="idle") as mgr:
+        future = mgr.save_training_checkpoint({"model": {"w": torch.ones(3)}}, 1)
+        assert entered.wait(30) and writer["before"] == os.SCHED_IDLE
+        waiter = threading.Thread(target=mgr.wait)
+        waiter.start()
+        assert restored.wait(30)
+        during_wait = os.sched_getscheduler(writer["tid"])
+        release.set()
+        waiter.join(30)
+        assert future.result().name == "step-00000001"
+    assert during_wait == os.SCHED_OTHER
