@@ -19,12 +19,21 @@ TRAIN_RUN_FILE_KEYS = {"run_id", "model_uri", "experiment", "run_url", "parent_r
                        "stopped_early", "final"}
 
 
+# The three trials, enqueued in the study before the flow runs: two sensible ones, then one whose
+# learning rate cannot move the weights in an epoch. Pruning starts once two trials have completed,
+# so the third, at chance accuracy after its first epoch, is pruned there by the median rule.
+ABSURD_LR = 1e-6
+TRIALS = [{"lr": 0.03, "batch_size": 64, "hidden_sizes": "16"},
+          {"lr": 0.01, "batch_size": 128, "hidden_sizes": "16"},
+          {"lr": ABSURD_LR, "batch_size": 64, "hidden_sizes": "16"}]
+
+
 def tiny_study() -> dict:
-    """3 trials of 2 epochs of a 16-unit MLP; pruning may start at the first epoch of the second trial."""
+    """3 trials of 2 epochs of a 16-unit MLP; pruning may start at the first epoch of the third trial."""
     params = small_params()
     params["train"].update({"epochs": 2, "hidden_sizes": [16]})
-    params["tune"].update({"n_trials": 3, "pruner_startup_trials": 1, "pruner_warmup_epochs": 0, "study_name": "tiny",
-                           "space": {"lr": {"low": 0.005, "high": 0.03, "log": True},
+    params["tune"].update({"n_trials": 3, "pruner_startup_trials": 2, "pruner_warmup_epochs": 0, "study_name": "tiny",
+                           "space": {"lr": {"low": ABSURD_LR, "high": 0.03, "log": True},
                                      "batch_size": {"choices": [64, 128]}, "hidden_sizes": {"choices": [[16]]}}})
     return params
 
@@ -33,6 +42,9 @@ def tiny_study() -> dict:
 def tuned(tmp_path_factory, prefect_harness):
     project = tmp_path_factory.mktemp("project")
     write_params(project, tiny_study())
+    study = optuna.create_study(study_name="tiny", storage=f"sqlite:///{project}/optuna.db", direction="maximize")
+    for trial in TRIALS:
+        study.enqueue_trial(trial)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(project)
         state = tuning_pipeline(params_path="params.yaml", return_state=True)
@@ -86,8 +98,9 @@ def test_trials_are_runs_nested_in_the_study_run_nested_in_the_pipeline_run(tune
         else:
             assert trial.state == optuna.trial.TrialState.PRUNED
             assert len(models) == 0 and not (directory / "model").exists()
-    # seed 42 draws, for trial 2, a learning rate whose first epoch is far below the median: it is pruned
-    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert [t.params for t in trials] == TRIALS
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert sorted(trials[2].intermediate_values) == [1]  # pruned after its first epoch
 
 
 def test_study_run_records_the_best_trial_and_optunas_plots(tuned):
@@ -131,6 +144,30 @@ def test_best_trial_is_evaluated_and_registered_and_lineage_reaches_it(tuned):
     assert kinds == ["trial", "tuning", "pipeline"]
     assert graph.nodes[f"run:{best_run_id}"].attrs["optuna_trial"] == str(best.number)
     assert not [n for n in graph.nodes.values() if n.missing]
+
+
+def test_the_best_trial_of_another_machine_is_fetched_from_the_mlflow_store(tuned, tmp_path):
+    from ml.config import load_params
+    from ml.tune.study import RUN_ID_ATTR, SUMMARY_ATTR, StudyOutcome, adopt_best_trial
+
+    project, _ = tuned
+    params = load_params(str(project / "params.yaml"))
+    best = study_of(project).best_trial
+    elsewhere = tmp_path / "other-machine"  # no trial directories here: everything comes from the trial's run
+    tune = params.tune.model_copy(update={"trials_dir": str(elsewhere / "trials")})
+    train = params.train.model_copy(update={"model_dir": str(elsewhere / "model"),
+                                            "run_file": str(elsewhere / "run.json"),
+                                            "metrics_file": str(elsewhere / "metrics.json")})
+    outcome = StudyOutcome("tiny", best.number, best.value, best.params, best.user_attrs[RUN_ID_ATTR],
+                           dict(best.user_attrs[SUMMARY_ATTR]), [], {})
+    summary = adopt_best_trial(outcome, train, tune, client_of(project))
+    here = project / "models" / "trials" / "tiny" / f"trial-{best.number:04d}"
+    assert sorted(p.name for p in (elsewhere / "model").iterdir()) == sorted(p.name for p in (here / "model").iterdir())
+    for name in (p.name for p in (here / "model").iterdir()):
+        assert (elsewhere / "model" / name).read_bytes() == (here / "model" / name).read_bytes(), name
+    assert json.loads((elsewhere / "metrics.json").read_text()) == json.loads((here / "metrics.json").read_text())
+    assert json.loads((elsewhere / "run.json").read_text()) == summary == best.user_attrs[SUMMARY_ATTR]
+    assert not (elsewhere / "trials").exists()
 
 
 def test_a_second_invocation_resumes_the_study_and_adds_trials(tuned):
