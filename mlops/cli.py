@@ -1,6 +1,8 @@
 """``mlops``: what is not already a dvc, prefect or mlflow command.
 
     mlops up                                   local MLflow UI + Prefect server, deployments and worker
+    mlops up --backend-store postgresql://... --artifacts s3://bucket/prefix [--host H --auth]
+    mlops db upgrade [URL]                     create or migrate MLflow's database schema
     mlops models list|show|history|approve|reject|promote|rollback
 """
 
@@ -123,14 +125,43 @@ def cmd_models(args: argparse.Namespace) -> None:
             print_record(record, args.json)
 
 
+def server_store(args: argparse.Namespace) -> tuple[str, str]:
+    """The database the tracking server serves and where that came from: --backend-store (or the
+    db command's URL), else server.backend_store of the settings, else tracking.uri."""
+    given = getattr(args, "backend_store", None) or getattr(args, "url", None)
+    if given:
+        return given, "--backend-store" if getattr(args, "backend_store", None) else "url"
+    if settings(args).server.backend_store:
+        return settings(args).server.backend_store, "server.backend_store"
+    return tracking_uri(args), "tracking.uri"
+
+
 def cmd_up(args: argparse.Namespace) -> None:
-    """Starts the local servers and keeps them up until Ctrl-C."""
+    """Starts the servers and keeps them up until Ctrl-C, SIGTERM or SIGHUP.
+
+    What a user can get wrong about the tracking server (an address other machines reach without
+    authentication, an unreachable or unmigrated database, a missing bucket, wrong S3 credentials)
+    is checked first and ends in one line before any server starts.
+    """
     from mlops import services
 
-    uri = tracking_uri(args)
-    if not uri.startswith(("sqlite:", "postgresql:", "mysql:")):
-        raise ConfigError(f"tracking.uri: `mlops up` serves a database store, got {uri!r}")
-    artifacts = settings(args).tracking.artifact_root
+    conf = settings(args)
+    server = conf.server
+    uri, source = server_store(args)
+    if not uri.startswith(("sqlite:", "postgresql:", "postgres:", "mysql:")):
+        raise ConfigError(f"{source}: `mlops up` serves a database store (sqlite:///..., postgresql://...), got {uri!r}")
+    artifacts = args.artifacts or server.artifacts or conf.tracking.artifact_root
+    host, port = args.host or server.host, args.mlflow_port or server.port
+    auth = args.auth or server.auth
+    services.check_exposure(host, auth, args.insecure)
+    services.check_database(uri)
+    if str(artifacts).startswith("s3://"):
+        services.check_bucket(artifacts, server.s3_endpoint_url)
+    env = {"MLFLOW_S3_ENDPOINT_URL": server.s3_endpoint_url} if server.s3_endpoint_url else {}
+    extra = ["--app-name", "basic-auth"] if auth else []
+    allowed_hosts = args.allowed_hosts or ",".join(server.allowed_hosts)
+    if allowed_hosts:
+        extra += ["--allowed-hosts", allowed_hosts]
     logs = Path(".mlops-logs")
     logs.mkdir(exist_ok=True)
     procs = []
@@ -139,8 +170,13 @@ def cmd_up(args: argparse.Namespace) -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, _interrupt)
     try:
-        procs.append(services.start_mlflow(uri, artifacts, args.mlflow_port, log=logs / "mlflow.log"))
-        print(f"MLflow UI:   http://127.0.0.1:{args.mlflow_port}")
+        procs.append(services.start_mlflow(uri, artifacts, port, log=logs / "mlflow.log", extra=extra, env=env,
+                                           host=host))
+        print(f"MLflow UI:   {services.local_url(host, port)}" + (" (basic auth)" if auth else "")
+              + ("" if services.is_loopback(host) else f", listening on {host}"))
+        print(f"  store:     {services.describe_database(uri)}")
+        proxied = services.is_remote_uri(artifacts) or not services.is_loopback(host)
+        print(f"  artifacts: {artifacts}" + (" (proxied: clients need no storage credentials)" if proxied else ""))
         if not args.no_prefect:
             env = services.prefect_env(args.prefect_port)
             procs.append(services.start_prefect(args.prefect_port, log=logs / "prefect-server.log"))
@@ -168,6 +204,35 @@ def cmd_up(args: argparse.Namespace) -> None:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+def start_approval_service(services: Any, host: str, port: int, logs: Path) -> list[Any]:
+    """Beside a basic-auth MLflow server, the approval service on the next port (registry/service.py):
+    it signs for users the server authenticates as holding MANAGE, and writes as the account in
+    MLFLOW_TRACKING_USERNAME/PASSWORD, which must be allowed to write the models' tags (an admin)."""
+    if not (os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
+        print("Approvals:   no approval service (set MLFLOW_TRACKING_USERNAME/PASSWORD to an admin account to "
+              "start one); each approver signs with a key of their own")
+        return []
+    url = services.local_url(host, port + 1)
+    proc = services.start_server([sys.executable, "-m", "registry.service", "--tracking-uri",
+                                  services.local_url(host, port), "--host", host, "--port", str(port + 1)],
+                                 f"{url}/health", 60, None, logs / "approval-service.log")
+    print(f"Approvals:   {url}  (approvers: export MLOPS_APPROVAL_SERVICE={url}; endpoints: its /keyring)")
+    return [proc]
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> None:
+    """``mlflow db upgrade`` with the URL from the settings and the checks ``mlops up`` makes."""
+    from mlops import services
+
+    uri, source = server_store(args)
+    if not uri.startswith(("sqlite:", "postgresql:", "postgres:", "mysql:")):
+        raise ConfigError(f"{source}: expected a database URL (sqlite:///..., postgresql://...), got {uri!r}")
+    before, after = services.upgrade_database(uri)
+    done = (f"schema created at revision {after}" if before is None else
+            f"schema already at revision {after}" if before == after else f"schema migrated from {before} to {after}")
+    print(f"{services.describe_database(uri)}: {done}")
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -180,10 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="MLflow UI on the pipeline's store, Prefect server, deployments and worker")
-    up.add_argument("--mlflow-port", type=int, default=5000)
+    up.add_argument("--mlflow-port", type=int, help="MLflow server port (default: server.port, 5000)")
     up.add_argument("--prefect-port", type=int, default=4200)
     up.add_argument("--no-prefect", action="store_true", help="only the MLflow UI")
+    up.add_argument("--backend-store", help="database the MLflow server serves, e.g. postgresql://user:pw@host:5432/mlflow "
+                                            "(default: server.backend_store, else tracking.uri)")
+    up.add_argument("--artifacts", help="s3://bucket/prefix (proxied by the server) or a directory "
+                                        "(default: server.artifacts, else tracking.artifact_root)")
+    up.add_argument("--host", help="interface the MLflow server binds (default: server.host, 127.0.0.1)")
+    up.add_argument("--auth", action="store_true", help="MLflow's basic-auth mode (--app-name basic-auth)")
+    up.add_argument("--insecure", action="store_true",
+                    help="allow a --host other machines reach without --auth (anyone there can approve models)")
+    up.add_argument("--allowed-hosts", help="Host headers the MLflow server accepts, comma-separated "
+                                            "(default: server.allowed_hosts, else MLflow's: localhost, private IPs)")
     up.set_defaults(func=cmd_up)
+
+    db = sub.add_parser("db", help="the MLflow database's schema")
+    db_actions = db.add_subparsers(dest="action", required=True)
+    upgrade = db_actions.add_parser("upgrade", help="mlflow db upgrade: create or migrate MLflow's schema "
+                                                    "(back the database up first)")
+    upgrade.add_argument("url", nargs="?", help="database URL (default: server.backend_store, else tracking.uri)")
+    upgrade.set_defaults(func=cmd_db_upgrade)
 
     models = sub.add_parser("models", help="the approval-gated model registry")
     actions = models.add_subparsers(dest="action", required=True)
