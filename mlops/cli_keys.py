@@ -1,7 +1,8 @@
 """``mlops keys``: the approval signing key on this machine and the keyring that verifies approvals.
 
     mlops keys show                       where the private key and the keyring are, and what they hold
-    mlops keys rotate [--revoke-old]      a new signing key; old public keys stay (retired) unless revoked
+    mlops keys rotate [--revoke-old]      a new signing key; the old public key stays (retired) unless revoked
+    mlops keys revoke KEY_ID              drop a key from the keyring: what it signed stops verifying
     mlops keys export-public [-o FILE]    the keyring as JSON, for the endpoint's and the flow's machines
 """
 
@@ -20,14 +21,19 @@ def cmd_keys(args: argparse.Namespace) -> None:
 
     if args.action == "rotate":
         old, new = signing.rotate_key(revoke_old=args.revoke_old)
-        kept = "revoked: approvals it signed no longer verify" if args.revoke_old else \
-            "kept in the keyring (retired): approvals it signed still verify"
+        kept = ("revoked: approvals it signed no longer verify" if args.revoke_old else
+                "kept in the keyring (retired): approvals it signed still verify")
         print(f"new signing key {new} in {signing.private_key_path()}"
               + (f"; old key {old} {kept}" if old else ""))
         print(f"keyring {signing.keyring_path()} updated; give the endpoint its public keys: "
               "mlops keys export-public -o FILE")
         return
     keyring = signing.Keyring.load(args.keyring)
+    if args.action == "revoke":
+        keyring.revoke(args.key_id)
+        keyring.save()
+        print(f"key {args.key_id} removed from {keyring.path}; approvals it signed no longer verify there")
+        return
     if args.action == "export-public":
         if not keyring.keys:
             raise RegistryError(f"keyring {keyring.path}: holds no keys yet; the first `mlops models approve` "
@@ -60,8 +66,10 @@ def add_parser(subparsers: Any) -> None:
                         help="drop the old public keys (a stolen key): approvals they signed stop verifying")
     export = actions.add_parser("export-public", help="the keyring's public keys as JSON")
     export.add_argument("-o", "--output", help="write to this file instead of standard output")
-    for sub in (show, export):
+    revoke = actions.add_parser("revoke", help="drop a key from the keyring (a lost key that may be stolen)")
+    revoke.add_argument("key_id", help="the key's id, as `mlops keys show` lists it (ed25519:...)")
+    for sub in (show, export, revoke):
         sub.add_argument("--keyring", help="keyring file (default: $MLOPS_APPROVAL_KEYRING, else the config dir's)")
     rotate.set_defaults(keyring=None)
-    for sub in (show, rotate, export):
+    for sub in (show, rotate, export, revoke):
         sub.set_defaults(func=cmd_keys)

@@ -121,10 +121,17 @@ class Keyring:
             self.keys.append(entry)
         return entry
 
-    def retire_all_but(self, key_id: str) -> None:
-        at = now_utc()
-        self.keys = [k if k.key_id == key_id or k.retired else KeyEntry(**{**asdict(k), "retired": at})
+    def retire(self, key_id: str) -> None:
+        """Marks ``key_id`` replaced by rotation; it still verifies what it signed."""
+        self.keys = [KeyEntry(**{**asdict(k), "retired": now_utc()}) if k.key_id == key_id and not k.retired else k
                      for k in self.keys]
+
+    def revoke(self, key_id: str) -> None:
+        """Drops ``key_id``: what it signed no longer verifies against this keyring."""
+        if self.find(key_id) is None:
+            raise RegistryError(f"key {key_id}: not in keyring {self.path} "
+                                f"(it holds {', '.join(k.key_id for k in self.keys) or 'no keys'})")
+        self.keys = [k for k in self.keys if k.key_id != key_id]
 
     def verify(self, payload: bytes, signature_b64: str, key_id: str) -> str | None:
         """None when ``signature_b64`` is ``key_id``'s signature of ``payload``, else why not."""
@@ -179,21 +186,24 @@ def _write_new_key(path: Path) -> Any:
     atomic_write(path, lambda tmp: (tmp.chmod(0o600), tmp.write_bytes(pem)))  # mkstemp: 0600 from the start
     keyring = Keyring.load()
     entry = keyring.add(_public_raw(key), comment=f"{getpass.getuser()}@{socket.gethostname()}")
-    keyring.retire_all_but(entry.key_id)
     keyring.save()
     return key
 
 
 def rotate_key(revoke_old: bool = False) -> tuple[str | None, str]:
-    """A new private key in place of the current one (or of a lost one). Old public keys stay in
-    the keyring, retired, so approvals they signed still verify; ``revoke_old`` drops them instead
-    (a stolen key: what it signed must stop verifying). Returns (old key id or None, new key id)."""
+    """A new private key in place of the current one (or of a lost one). The old public key stays
+    in the keyring, retired, so approvals it signed still verify; ``revoke_old`` drops it instead (a
+    stolen key: what it signed must stop verifying). Other keys in the keyring are left alone.
+    Returns (old key id, or None when there was no key, new key id)."""
     path = private_key_path()
     old = key_id_of(_public_raw(load_private_key(create=False))) if path.exists() else None
     new = key_id_of(_public_raw(_write_new_key(path)))
-    if revoke_old:
+    if old is not None:
         keyring = Keyring.load()
-        keyring.keys = [k for k in keyring.keys if k.key_id == new]
+        if revoke_old and keyring.find(old):
+            keyring.revoke(old)
+        else:
+            keyring.retire(old)
         keyring.save()
     return old, new
 

@@ -98,15 +98,38 @@ def test_rotation_keeps_old_public_keys_unless_revoked(config):
     assert [(k.key_id, bool(k.retired)) for k in keyring.keys] == [(old, True), (new, False)]
     assert verify_tags(MODEL, "1", old_tags, keyring).approved  # old approvals still verify
     assert signing.signer_key_id(signing.load_private_key()) == new
-    signing.rotate_key(revoke_old=True)
-    assert not verify_tags(MODEL, "1", old_tags, Keyring.load()).approved
+    stolen_tags = signed_tags(signing.load_private_key(), record())
+    assert signing.rotate_key(revoke_old=True)[0] == new
+    assert "does not hold" in verify_tags(MODEL, "1", stolen_tags, Keyring.load()).why
+    assert verify_tags(MODEL, "1", old_tags, Keyring.load()).approved  # only the replaced key was revoked
 
 
-def test_a_lost_key_is_replaced_by_rotation(config):
-    signing.load_private_key()
+def test_a_lost_key_is_replaced_by_rotation_and_can_be_revoked_by_id(config, capsys):
+    from mlops.cli import main
+
+    lost = signing.signer_key_id(signing.load_private_key())
+    tags = signed_tags(signing.load_private_key(), record())
     (config / signing.KEY_FILE).unlink()
     old, new = signing.rotate_key()
-    assert old is None and len(Keyring.load().keys) == 2
+    assert old is None and [k.key_id for k in Keyring.load().keys] == [lost, new]
+    assert verify_tags(MODEL, "1", tags, Keyring.load()).approved  # the lost key's approvals still verify
+    main(["keys", "revoke", lost])
+    assert [k.key_id for k in Keyring.load().keys] == [new]
+    assert "does not hold" in verify_tags(MODEL, "1", tags, Keyring.load()).why
+    with pytest.raises(SystemExit):
+        main(["keys", "revoke", lost])
+    assert capsys.readouterr().err.strip() == f"error: key {lost}: not in keyring {Keyring.load().path} (it holds {new})"
+
+
+def test_rotation_leaves_other_approvers_keys_alone(config):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    keyring = Keyring.load()
+    other = keyring.add(signing._public_raw(Ed25519PrivateKey.generate()), comment="carol@elsewhere")
+    keyring.save()
+    signing.load_private_key()
+    signing.rotate_key(revoke_old=True)
+    assert [(k.key_id == other.key_id, k.retired) for k in Keyring.load().keys][0] == (True, None)
 
 
 def test_a_broken_keyring_is_one_line(config, tmp_path):
