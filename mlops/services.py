@@ -137,19 +137,19 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(host: str, auth: bool, insecure: bool) -> None:
-    """A server other machines can reach needs MLflow's basic-auth mode, or an explicit --insecure.
+    """A server other machines can reach needs MLflow's basic-auth mode, or an explicit --insecure;
+    the basic-auth mode needs ``MLFLOW_FLASK_SERVER_SECRET_KEY``.
 
     Without accounts anyone on the network could approve and promote models, and the recorded
     approver would be whatever name they typed.
     """
-    if is_loopback(host) or insecure:
-        return
-    if not auth:
-        raise ServiceError(f"--host {host}: a tracking server other machines can reach needs MLflow's basic-auth "
-                           "mode (--auth) or an explicit --insecure")
-    if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+    if auth and not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        # the basic-auth app refuses to start without it, with a traceback in the server's log
         raise ServiceError("--auth: set MLFLOW_FLASK_SERVER_SECRET_KEY, the key that signs the basic-auth app's "
                            "sessions and forms")
+    if not (auth or insecure or is_loopback(host)):
+        raise ServiceError(f"--host {host}: a tracking server other machines can reach needs MLflow's basic-auth "
+                           "mode (--auth) or an explicit --insecure")
 
 
 def database_url(url: str) -> str:

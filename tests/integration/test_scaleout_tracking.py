@@ -83,8 +83,9 @@ def test_a_reachable_interface_needs_auth_or_insecure(monkeypatch):
     with pytest.raises(services.ServiceError, match=r"--host 0\.0\.0\.0: .*basic-auth .*--insecure"):
         services.check_exposure("0.0.0.0", auth=False, insecure=False)
     monkeypatch.delenv("MLFLOW_FLASK_SERVER_SECRET_KEY")
-    with pytest.raises(services.ServiceError, match="MLFLOW_FLASK_SERVER_SECRET_KEY"):
-        services.check_exposure("192.168.1.20", auth=True, insecure=False)
+    for host in ("192.168.1.20", "127.0.0.1"):
+        with pytest.raises(services.ServiceError, match="MLFLOW_FLASK_SERVER_SECRET_KEY"):
+            services.check_exposure(host, auth=True, insecure=False)
 
 
 def test_postgresql_urls_name_psycopg_and_hide_the_password():
@@ -277,6 +278,9 @@ def test_up_refuses_an_unreachable_database(tmp_path):
     port, dead = services.free_port(), services.free_port()
     done = mlops("up", "--no-prefect", "--mlflow-port", str(port),
                  "--backend-store", f"postgresql://mlops:secret@127.0.0.1:{dead}/mlflow", cwd=tmp_path)
+    line = assert_refused(done, tmp_path, port, f"127.0.0.1:{dead}/mlflow", "cannot connect")
+    assert "secret" not in line
+    done = mlops("db", "upgrade", f"postgresql://mlops:secret@127.0.0.1:{dead}/mlflow", cwd=tmp_path)
     line = assert_refused(done, tmp_path, port, f"127.0.0.1:{dead}/mlflow", "cannot connect")
     assert "secret" not in line
 
