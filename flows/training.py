@@ -7,6 +7,7 @@ order, then ``dvc commit`` so dvc.lock versions exactly what the flow produced.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.promotion import start_promotion
-from ml.errors import cli_errors
+from ml.errors import PipelineError, cli_errors
 from tasks.evaluate import evaluate_task
 from tasks.prepare import prepare_task
 from tasks.register import register_task
@@ -64,6 +65,39 @@ def start_pipeline_run(params_path: str) -> Any:
     return tracker
 
 
+class KnownErrorFormatter(logging.Formatter):
+    """Formats a record as ``inner`` does, leaving out the traceback of a :class:`PipelineError`: a
+    user's input, said in one line. Prefect's API handler (the run's log in the UI) and the stage's
+    console artifact keep the traceback."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info and isinstance(record.exc_info[1], PipelineError)):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def quiet_known_errors() -> None:
+    """Console handlers of this process stop printing tracebacks for errors a user caused."""
+    from prefect.logging.handlers import APILogHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+                                      if n.startswith("prefect"))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, APILogHandler) \
+                    and not isinstance(handler.formatter, KnownErrorFormatter):
+                handler.setFormatter(KnownErrorFormatter(handler.formatter))
+
+
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(params_path: str = "params.yaml", version_data: bool = True) -> dict[str, Any]:
     """prepare -> validate -> train -> evaluate -> register, each a nested MLflow run under one
@@ -72,6 +106,7 @@ def training_pipeline(params_path: str = "params.yaml", version_data: bool = Tru
     ``version_data`` commits the outputs to DVC when ``params_path`` is the repository's params.yaml
     (dvc.yaml reads that file, so a different one would record params it did not use).
     """
+    quiet_known_errors()
     pipeline = start_pipeline_run(params_path)
     parent = pipeline.run_id
     status = "FAILED"

@@ -66,26 +66,42 @@ class DataConfig(Section):
         return self
 
 
-class ValidateConfig(Section):
-    """validate: the data contract every split must meet (a Great Expectations suite)."""
+class ContractConfig(Section):
+    """prepare, validate: the data contract in git (a GX suite with the schema and the label mapping)."""
 
-    min_rows: Int = Field(gt=0, description="minimum row count of each split")
-    num_features: Int | None = Field(gt=0, description="the feature count, or null to accept the prepared schema")
-    num_classes: Int | None = Field(gt=0, description="the class count (labels 0..n-1), or null to accept the prepared schema")
-    feature_min: Float | None = Field(description="lowest allowed feature value, or null for no bound")
-    feature_max: Float | None = Field(description="highest allowed feature value, or null for no bound")
+    path: NonEmpty = Field(description="the contract file, e.g. gx/expectations/digits.json (`mlops data contract init`)")
+    allow_missing_classes: bool = Field(description="a class the contract lists but the data lacks warns instead of failing")
+
+
+class ValidateConfig(Section):
+    """validate: the gate's checks beyond the contract's own (class shares), and its report."""
+
     min_class_fraction: Float = Field(ge=0, le=1, description="smallest share of rows any class may have, in [0, 1]")
     max_class_fraction: Float = Field(ge=0, le=1, description="largest share of rows any class may have, in [0, 1]")
     report: NonEmpty = Field(description="path of the JSON validation report (DVC out)")
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:
-        if self.feature_min is not None and self.feature_max is not None and self.feature_min > self.feature_max:
-            raise ValueError("validate.feature_min: expected a value <= validate.feature_max, "
-                             f"got {self.feature_min} > {self.feature_max}")
         if self.min_class_fraction > self.max_class_fraction:
             raise ValueError("validate.min_class_fraction: expected a value <= validate.max_class_fraction, "
                              f"got {self.min_class_fraction} > {self.max_class_fraction}")
+        return self
+
+
+class DriftConfig(Section):
+    """validate: drift of each feature (PSI, KS) and of the label shares from a reference."""
+
+    reference: Literal["champion", "contract"] = Field(description="champion: its training split when the DVC cache has it, else the contract's reference statistics; contract: always those")
+    psi_warn: Float = Field(ge=0, description="a PSI at or above this is recorded as a warning")
+    psi_fail: Float = Field(gt=0, description="a PSI at or above this fails the gate")
+    ks_pvalue: Float = Field(ge=0, le=1, description="a KS p-value below this is recorded as a warning, in [0, 1]")
+    report: NonEmpty = Field(description="JSON drift report (DVC plot)")
+    plot: NonEmpty = Field(description="PNG of per-feature PSI and the worst histograms (DVC plot)")
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> DriftConfig:
+        if self.psi_warn > self.psi_fail:
+            raise ValueError(f"drift.psi_warn: expected a value <= drift.psi_fail, got {self.psi_warn} > {self.psi_fail}")
         return self
 
 
@@ -120,6 +136,7 @@ class RegisterConfig(Section):
     min_test_accuracy: Float = Field(ge=0, le=1, description="the version is registered only at or above this test accuracy, in [0, 1]")
     champion_min_delta: Float = Field(description="challenger test accuracy minus the champion's, on the same test set, must reach this")
     output: NonEmpty = Field(description="JSON record of the registered version (DVC out)")
+    allow_breaking_change: bool = Field(description="register a version whose input signature or class list differs from the champion's (recorded on the version and in its approval history)")
 
 
 class AnomalyConfig(Section):
@@ -245,7 +262,9 @@ with warnings.catch_warnings():
         """The whole params.yaml."""
 
         data: DataConfig = Field(description="prepare: the raw data and its split")
-        validate: ValidateConfig = Field(description="validate: the data contract")
+        contract: ContractConfig = Field(description="prepare, validate: the data contract")
+        validate: ValidateConfig = Field(description="validate: the data gate")
+        drift: DriftConfig = Field(description="validate: drift from a reference")
         train: TrainConfig = Field(description="train: model, optimizer and loop")
         evaluate: EvaluateConfig = Field(description="evaluate: test-set metrics and plots")
         register: RegisterConfig = Field(description="register: the quality gate")

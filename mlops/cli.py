@@ -4,6 +4,7 @@
     mlops up --backend-store postgresql://... --artifacts s3://bucket/prefix [--host H --auth]
     mlops db upgrade [URL]                     create or migrate MLflow's database schema
     mlops models list|show|history|approve|reject|promote|rollback
+    mlops data contract init|diff|update       the data contract in git (gx/expectations/<name>.json)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from ml.errors import ConfigError, cli_errors
 
 
 # Command groups that live beside the code they drive; each module has add_parser(subparsers).
-COMMAND_MODULES: tuple[str, ...] = ("mlops.cli_serve", "mlops.cli_lineage", "mlops.cli_checkpoints")
+COMMAND_MODULES: tuple[str, ...] = ("mlops.cli_serve", "mlops.cli_lineage", "mlops.cli_checkpoints",
+                                  "mlops.cli_data")
 
 
 def tracking_uri(args: argparse.Namespace) -> str:
@@ -65,6 +67,21 @@ def champion_comparison(tags: dict[str, str]) -> str:
     return f"champion gate: {verdict}"
 
 
+def print_contract(tags: dict[str, str]) -> None:
+    """The data contract a version was trained under, its input signature, and a recorded breaking change."""
+    if "contract_digest" in tags:
+        print(f"  contract: {tags.get('contract_path', '?')} v{tags.get('contract_version', '?')} "
+              f"{tags['contract_digest']} ({tags.get('contract_artifact', 'no artifact')})")
+    if "input_signature" in tags:
+        signature = json.loads(tags["input_signature"])
+        inputs = signature.get("inputs", [])
+        shown = ", ".join(f"{name}:{dtype}" for name, dtype in inputs[:8]) + (", ..." if len(inputs) > 8 else "")
+        print(f"  inputs ({len(inputs)}): {shown}")
+        print(f"  classes ({len(signature.get('classes', []))}): {', '.join(signature.get('classes', []))}")
+    if "breaking_change" in tags:
+        print(f"  BREAKING CHANGE (register.allow_breaking_change): {tags['breaking_change']}")
+
+
 def print_record(record: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(record.to_dict(), indent=2))
@@ -76,6 +93,7 @@ def print_record(record: Any, as_json: bool) -> None:
             print(f"  {key}: {record.tags[key]}")
     if record.tags.get("champion_gate"):
         print(f"  {champion_comparison(record.tags)}")
+    print_contract(record.tags)
     for event in record.history:
         flag = " (self-approval)" if event.get("self_approval") else ""
         via = f" via {event['via']}" if event.get("via", "cli") != "cli" else ""

@@ -1,4 +1,4 @@
-"""prepare: raw source -> data/raw -> data/processed/{train,val,test}.parquet."""
+"""prepare: raw source -> data/raw -> data/processed/{train,val,test}.parquet, if it keeps the data contract."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ml.config import flatten, load_params
+from ml.data.contract import load_contract
 from ml.data.prepare import prepare
 from tasks.entry import stage_main, stage_run
 
@@ -16,11 +17,12 @@ def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> d
     params = load_params(params_path)
     cfg = params.data
     with stage_run("prepare", parent=parent_run_id) as tracker:
-        tracker.log_params(flatten(cfg, "data."))
-        schema = prepare(cfg)
+        tracker.log_params({**flatten(cfg, "data."), **flatten(params.contract, "contract.")})
+        contract = load_contract(params.contract.path)
+        schema = prepare(cfg, contract, params.contract.allow_missing_classes)
         summary = {"source": schema.source, "features": len(schema.features), "classes": schema.num_classes,
-                   "processed_dir": cfg.processed_dir}
-        tracker.set_tags({"dataset_source": schema.source})
+                   "processed_dir": cfg.processed_dir, "contract": contract.reference()}
+        tracker.set_tags({"dataset_source": schema.source, "contract_digest": contract.digest})
     return summary
 
 

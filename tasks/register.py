@@ -16,6 +16,9 @@ as tags on its version and in ``register.output``, so the approver sees it.
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -26,9 +29,10 @@ from ml.settings import load_settings
 from ml.errors import QualityGateFailed
 from ml.io import atomic_write_json, read_json
 from ml.tracking.mlflow_tracker import configure_mlflow
-from registry.approval import meets_quality_gate
-from registry.challenger import compare_with_champion
-from registry.store import register_version
+from ml.data.contract import ContractError, digest_of
+from registry.approval import PENDING, meets_quality_gate
+from registry.challenger import INCOMPARABLE, SIGNATURE_TAG, compare_with_champion
+from registry.store import HISTORY_TAG, register_version
 from tasks.entry import should_retry, stage_main, stage_run
 
 REFUSED_TAG = "register_refused"
@@ -45,6 +49,29 @@ def refuse(client: Any, run_id: str, why: str, tags: dict[str, str]) -> QualityG
     """Records on the source run why its model was not registered; returns the error to raise."""
     tag_run(client, run_id, {**tags, REFUSED_TAG: why[:5000]})
     return QualityGateFailed(f"not registered: {why}")
+
+
+def prepared_contract(processed_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The contract the prepared data was checked against (path, digest, name, version) and the
+    input signature it gives models; the file must still be the one prepare read."""
+    schema = read_json(Path(processed_dir) / "schema.json")
+    contract, signature = schema.get("contract"), schema.get("signature")
+    if not contract or not signature:
+        raise ContractError(f"{processed_dir}/schema.json names no data contract; run the prepare stage again")
+    path = Path(contract["path"])
+    if not path.is_file() or digest_of(path) != contract["digest"]:
+        raise ContractError(f"data contract {path} changed since prepare read it; run the prepare stage again")
+    return contract, signature
+
+
+def breaking_change_event(reason: str) -> dict[str, Any]:
+    """The first entry of a version's approval history when it was registered as a deliberate
+    schema change, so an approver reads it beside every decision."""
+    import getpass
+
+    return {"from_status": "(registered)", "to_status": PENDING, "by": getpass.getuser(),
+            "at": datetime.now(UTC).isoformat(timespec="seconds"), "via": "register", "self_approval": False,
+            "breaking_change": True, "reason": f"registered with register.allow_breaking_change: {reason}"}
 
 
 def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
@@ -65,22 +92,39 @@ def _register(params: Any, trained: dict[str, Any], tracking: Any) -> dict[str, 
     passed, why = meets_quality_gate(metrics, cfg.min_test_accuracy)
     if not passed:
         raise refuse(client, run_id, why, {"quality_gate": f"failed: {why}"})
-    comparison = compare_with_champion(client, cfg.model_name, metrics["accuracy"], params.data.processed_dir,
-                                       cfg.champion_min_delta)
+    contract, signature = prepared_contract(params.data.processed_dir)
+    try:
+        comparison = compare_with_champion(client, cfg.model_name, metrics["accuracy"], params.data.processed_dir,
+                                           cfg.champion_min_delta, signature=signature,
+                                           allow_breaking_change=cfg.allow_breaking_change)
+    except ContractError as exc:
+        tag_run(client, run_id, {"quality_gate": f"passed: {why}", REFUSED_TAG: str(exc)[:5000]})
+        raise
+    breaking = comparison.reason if comparison.verdict == INCOMPARABLE else None
+    contract_tags = {"contract_path": contract["path"], "contract_digest": contract["digest"],
+                     "contract_version": str(contract["version"]),
+                     "contract_artifact": f"runs:/{run_id}/contract/{Path(contract['path']).name}",
+                     SIGNATURE_TAG: json.dumps(signature, separators=(",", ":")),
+                     **({"breaking_change": breaking[:5000]} if breaking else {})}
+    client.log_artifact(run_id, contract["path"], "contract")
     if not comparison.passed:
         raise refuse(client, run_id, comparison.reason, {"quality_gate": f"passed: {why}", **comparison.tags()})
     dataset = trained["dataset"]
     record = register_version(client, cfg.model_name, trained["model_uri"], run_id, tags={
         "source_run_id": run_id, "dataset_md5": dataset["md5"], "dataset_source": dataset["source"],
         "dataset_path": dataset["path"], "git_commit": trained["git"]["commit"],
-        "test_accuracy": f"{metrics['accuracy']:.6f}", "quality_gate": why, **comparison.tags()})
+        "test_accuracy": f"{metrics['accuracy']:.6f}", "quality_gate": why, **comparison.tags(), **contract_tags})
+    if breaking:
+        client.set_model_version_tag(record.name, record.version, HISTORY_TAG,
+                                     json.dumps([breaking_change_event(breaking)]))
     tag_run(client, run_id, {"quality_gate": f"passed: {why}", **comparison.tags(),
                              REGISTERED_TAG: f"{record.name}/{record.version}"})
     if REFUSED_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, REFUSED_TAG)
     summary = {"model_name": record.name, "version": record.version, "status": record.status,
                "run_id": record.run_id, "test_accuracy": metrics["accuracy"], "dataset_md5": dataset["md5"],
-               "champion_gate": comparison.to_dict()}
+               "champion_gate": comparison.to_dict(), "contract": contract,
+               **({"breaking_change": breaking} if breaking else {})}
     atomic_write_json(cfg.output, summary)
     return summary
 

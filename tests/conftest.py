@@ -33,6 +33,7 @@ def small_params(**overrides: dict) -> dict:
     params["train"]["epochs"] = 3
     params["train"]["hidden_sizes"] = [32]
     params["register"]["min_test_accuracy"] = 0.5
+    params["contract"]["path"] = str(REPO / params["contract"]["path"])  # the committed contract, from any directory
     for section, values in overrides.items():
         params[section].update(values)
     return params
@@ -50,6 +51,21 @@ def write_settings(directory: Path, **sections: dict) -> Path:
     path = directory / "settings.yaml"
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def approval_keys(tmp_path_factory):
+    """Approvals made by tests (and the processes they start) sign with a key of the test session,
+    never with the user's own under ~/.config/mlops-pipeline; a test may point elsewhere itself."""
+    saved = {k: os.environ.get(k) for k in ("MLOPS_CONFIG_DIR", "MLOPS_APPROVAL_KEYRING")}
+    os.environ["MLOPS_CONFIG_DIR"] = str(tmp_path_factory.mktemp("mlops-config"))
+    os.environ.pop("MLOPS_APPROVAL_KEYRING", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

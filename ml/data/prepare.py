@@ -1,4 +1,11 @@
-"""prepare: materialize the raw dataset, then split it stratified and seeded into Parquet files."""
+"""prepare: materialize the raw dataset, then split it stratified and seeded into Parquet files.
+
+prepare keeps each feature column as read (numbers as float64, anything else as strings) and each
+label as its class name, and runs the contract's suite over the whole table before it writes
+anything, so a version that breaks the contract never replaces the prepared data; the gate
+(ml.data.validate) then checks each split and drift. Label indices come from the contract's class list, in ``schema.json`` and
+:func:`load_split`, never from the classes a dataset version happens to hold.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from ml.config import DataConfig
+from ml.data.contract import LABEL, Contract, class_name, is_numeric
 from ml.errors import DataError
 from ml.io import atomic_write_json, read_json, replace_dir
 
-LABEL = "label"
 SPLITS = ("train", "val", "test")
 SKLEARN_PREFIX = "sklearn:"
 SKLEARN_DATASETS = ("digits",)
@@ -22,11 +29,13 @@ SKLEARN_DATASETS = ("digits",)
 
 @dataclass(frozen=True)
 class Schema:
-    """What prepare wrote: feature columns in order, and the original class of each label index."""
+    """What models read from the prepared data: the contract's feature columns in order, its class
+    list (label index ``i`` is ``classes[i]``), the source, and the contract (path, digest, name, version)."""
 
     features: tuple[str, ...]
     classes: tuple[str, ...]
     source: str
+    contract: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -34,12 +43,12 @@ class Schema:
 
     def to_dict(self) -> dict:
         return {"features": list(self.features), "classes": list(self.classes), "source": self.source,
-                "label": LABEL}
+                "label": LABEL, "contract": self.contract}
 
     @classmethod
     def read(cls, processed_dir: str | Path) -> Schema:
         raw = read_json(Path(processed_dir) / "schema.json")
-        return cls(tuple(raw["features"]), tuple(raw["classes"]), raw["source"])
+        return cls(tuple(raw["features"]), tuple(raw["classes"]), raw["source"], raw.get("contract"))
 
 
 def load_sklearn(name: str) -> pd.DataFrame:
@@ -60,52 +69,53 @@ def read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"data.source: raw file {path} not found")
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"data.source: {path} has suffix {suffix!r}; expected .csv or .parquet")
     try:
-        if suffix == ".csv":
-            return pd.read_csv(path)
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"data.source: no data rows in {path}") from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise DataError(f"data.source: cannot read {path}: {str(exc).splitlines()[0]}") from None
-    raise DataError(f"data.source: {path} has suffix {suffix!r}; expected .csv or .parquet")
+    if frame.empty:
+        raise DataError(f"data.source: no data rows in {path}")
+    return frame
 
 
-def to_training_frame(frame: pd.DataFrame, label_column: str, source: str) -> tuple[pd.DataFrame, Schema]:
-    """Checks a raw table and returns float64 features + an int64 ``label`` column (0..n-1)."""
+def to_training_frame(frame: pd.DataFrame, label_column: str, source: str) -> pd.DataFrame:
+    """The raw table as the splits keep it: the feature columns in their order (numbers as float64,
+    anything else as strings), then ``label`` holding each row's class name."""
+    if frame.empty:
+        raise DataError(f"data.source: no data rows in {source}")
     if label_column not in frame.columns:
         raise DataError(f"{source}: label column {label_column!r} not found; columns are "
                         + ", ".join(map(str, frame.columns[:10])) + ("..." if len(frame.columns) > 10 else ""))
     features = [c for c in frame.columns if c != label_column]
     if not features:
         raise DataError(f"{source}: no feature columns besides the label {label_column!r}")
-    for column in features:
-        if not pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column]):
-            raise DataError(f"{source}: feature column {column!r} is not numeric (dtype {frame[column].dtype}); "
-                            "expected numbers in every feature column")
+    if LABEL in map(str, features):
+        raise DataError(f"{source}: a feature column is named {LABEL!r}; rename it (the splits keep the "
+                        f"label under that name)")
     labels = frame[label_column]
     if labels.isna().any():
         raise DataError(f"{source}: label column {label_column!r} has {int(labels.isna().sum())} empty values")
-    classes = sorted(labels.unique(), key=lambda v: (str(type(v)), v))
-    index = {c: i for i, c in enumerate(classes)}
-    out = frame[features].astype("float64")
-    out.columns = [str(c) for c in features]
-    out[LABEL] = labels.map(index).astype("int64")
-    schema = Schema(tuple(out.columns[:-1]), tuple(str(c) for c in classes), source)
-    return out, schema
+    out = pd.DataFrame({str(c): frame[c].astype("float64") if is_numeric(frame[c]) else frame[c].astype("string")
+                        for c in features}, index=frame.index)
+    out[LABEL] = labels.map(class_name).astype("string")
+    return out
 
 
 def split(frame: pd.DataFrame, test_size: float, val_size: float, seed: int) -> dict[str, pd.DataFrame]:
-    """Stratified, seeded train/val/test split; row order inside each split is deterministic."""
+    """Seeded train/val/test split, stratified by label when every label has the 3 rows that needs
+    (otherwise plain: the gate then reports the rare labels); row order inside each split is deterministic."""
     from sklearn.model_selection import train_test_split
 
-    counts = frame[LABEL].value_counts()
-    if (counts < 3).any():
-        rare = counts[counts < 3].index.tolist()
-        raise DataError(f"data.source: classes {rare} have fewer than 3 rows; a stratified split needs 3")
+    stratified = bool((frame[LABEL].value_counts() >= 3).all())
     try:
-        rest, test = train_test_split(frame, test_size=test_size, stratify=frame[LABEL], random_state=seed)
-        train, val = train_test_split(rest, test_size=val_size / (1 - test_size), stratify=rest[LABEL],
-                                      random_state=seed)
+        rest, test = train_test_split(frame, test_size=test_size, random_state=seed,
+                                      stratify=frame[LABEL] if stratified else None)
+        train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=seed,
+                                      stratify=rest[LABEL] if stratified else None)
     except ValueError as exc:
         raise DataError(f"data: cannot split {len(frame)} rows stratified: {exc}") from None
     return {"train": train.reset_index(drop=True), "val": val.reset_index(drop=True),
@@ -122,21 +132,28 @@ def read_source(cfg: DataConfig) -> tuple[pd.DataFrame, str, Callable[[Path], No
     return read_table(path), path.name, lambda tmp: shutil.copyfile(path, tmp / path.name)
 
 
-def prepare(cfg: DataConfig) -> Schema:
-    """The prepare stage: raw source -> ``raw_dir`` -> ``processed_dir/{train,val,test}.parquet``.
+def prepare(cfg: DataConfig, contract: Contract, allow_missing_classes: bool = False) -> Schema:
+    """The prepare stage: raw source -> ``raw_dir`` -> ``processed_dir/{train,val,test}.parquet``,
+    with ``schema.json`` naming the contract whose features and class list the splits are read by.
 
-    Everything is read and checked before anything is written, and each directory is swapped in
-    whole, so bad input leaves the previous outputs as they were.
+    Everything is read and checked against the contract before anything is written, and each
+    directory is swapped in whole, so bad input leaves the previous outputs as they were.
     """
+    from ml.data.validate import check_dataset
+
     frame, raw_name, write_raw = read_source(cfg)
     label = LABEL if cfg.source.startswith(SKLEARN_PREFIX) else cfg.label_column
-    table, schema = to_training_frame(frame, label, cfg.source)
+    table = to_training_frame(frame, label, cfg.source)
+    check_dataset(table, contract, cfg.source, allow_missing_classes=allow_missing_classes)
     parts = split(table, cfg.test_size, cfg.val_size, cfg.seed)
+    schema = Schema(contract.spec.feature_names, contract.spec.classes, cfg.source, contract.reference())
 
     def write_processed(tmp: Path) -> None:
         for name, part in parts.items():
             part.to_parquet(tmp / f"{name}.parquet", index=False)
         atomic_write_json(tmp / "schema.json", {**schema.to_dict(), "raw": f"{cfg.raw_dir}/{raw_name}",
+                                                "columns": list(table.columns[:-1]),
+                                                "signature": contract.spec.signature(),
                                                 "rows": {k: len(v) for k, v in parts.items()}})
 
     replace_dir(cfg.raw_dir, write_raw)
@@ -145,9 +162,29 @@ def prepare(cfg: DataConfig) -> Schema:
 
 
 def load_split(processed_dir: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float32) and labels (int64) of one split."""
+    """Features (float32, the contract's columns in order) and labels (int64 indices into the
+    contract's class list) of one split."""
+    schema = Schema.read(processed_dir)
     frame = pd.read_parquet(Path(processed_dir) / f"{name}.parquet")
-    x = frame.drop(columns=[LABEL]).to_numpy(dtype=np.float32, copy=True)
-    y = frame[LABEL].to_numpy(dtype=np.int64, copy=True)
-    return x, y
+    return split_arrays(frame, schema.features, schema.classes, f"{processed_dir}/{name}.parquet")
+
+
+def split_arrays(frame: pd.DataFrame, features: tuple[str, ...], classes: tuple[str, ...],
+                 where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split's features and label indices under a contract's schema; a split that does not fit it
+    (the gate would have stopped it) is a one-line DataError."""
+    missing = [c for c in features if c not in frame.columns]
+    if missing:
+        raise DataError(f"{where}: columns {', '.join(missing[:5])} of the contract are missing; "
+                        "run the validate stage to see how the data differs")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = frame[LABEL].map(class_name).map(index)
+    if labels.isna().any():
+        unknown = sorted(set(frame[LABEL].map(class_name)) - set(index))
+        raise DataError(f"{where}: labels {unknown[:5]} are outside the contract's class list")
+    try:
+        x = frame[list(features)].to_numpy(dtype=np.float32, copy=True)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: non-numeric feature values; run the validate stage to see where") from None
+    return x, labels.to_numpy(dtype=np.int64, copy=True)
 

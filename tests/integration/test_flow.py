@@ -42,7 +42,7 @@ def test_flow_fails_at_the_gate_and_registers_nothing(prefect_harness, project):
     import yaml
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["validate"]["feature_max"] = 10.0  # digits reach 16: the gate must stop the run
+    params["validate"]["max_class_fraction"] = 0.06  # every digit is ~10% of the rows: the gate must stop the run
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     state = training_pipeline(params_path="params.yaml", version_data=False, return_state=True)
     assert state.is_failed()

@@ -24,7 +24,7 @@ def test_repository_params_load():
     ("train", "dropout", 1.0, "train.dropout: expected dropout probability"),
     ("data", "test_size", 1.5, "data.test_size: expected fraction of rows held out for test"),
     ("data", "val_size", 0.85, "data.test_size + data.val_size: expected a sum below 1"),
-    ("validate", "feature_min", 20.0, "validate.feature_min: expected a value <= validate.feature_max"),
+    ("drift", "psi_warn", 0.5, "drift.psi_warn: expected a value <= drift.psi_fail"),
     ("register", "min_test_accuracy", 2, "register.min_test_accuracy: expected"),
     ("train", "seed", True, "train.seed: expected int, got True"),
     ("train", "lr", True, "train.lr: expected float, got True"),
@@ -88,10 +88,10 @@ def test_params_are_frozen(tmp_path):
 
 def test_nullable_fields_accept_null(tmp_path):
     params = base_params()
-    params["validate"]["num_features"] = None
-    params["validate"]["feature_max"] = None
+    params["anomaly"]["patience"] = None
+    params["anomaly"]["max_grad_norm"] = None
     loaded = load_params(write_params(tmp_path, params))
-    assert loaded.validate.num_features is None and loaded.validate.feature_max is None
+    assert loaded.anomaly.patience is None and loaded.anomaly.max_grad_norm is None
 
 
 def test_exponent_notation_is_a_number(tmp_path):

@@ -3,13 +3,15 @@
 import pytest
 import yaml
 
-from ml.config import AnomalyConfig, DataConfig, EvaluateConfig, RegisterConfig, TrainConfig, ValidateConfig, section_keys
+from ml.config import (AnomalyConfig, ContractConfig, DataConfig, DriftConfig, EvaluateConfig, RegisterConfig, TrainConfig,
+                       ValidateConfig, section_keys)
 from tests.conftest import REPO
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 EXPECTED = {
-    "prepare": section_keys(DataConfig, "data"),
-    "validate": ["data.processed_dir", *section_keys(ValidateConfig, "validate")],
+    "prepare": [*section_keys(DataConfig, "data"), *section_keys(ContractConfig, "contract")],
+    "validate": ["data.processed_dir", *section_keys(ContractConfig, "contract"),
+                 *section_keys(ValidateConfig, "validate"), *section_keys(DriftConfig, "drift"), "register.model_name"],
     "train": ["data.processed_dir", "validate.report", *section_keys(TrainConfig, "train"),
               *section_keys(AnomalyConfig, "anomaly")],
     "evaluate": ["data.processed_dir", "train.model_dir", "train.run_file",
