@@ -17,7 +17,7 @@ import torch
 from ml.checkpoint.snapshot import snapshot_state
 
 __all__ = ["RANK_LOCAL_KEYS", "Dist", "all_ok", "broadcast_json", "detect_distributed", "gather_bytes",
-           "pack_rank_state", "rank_files", "unpack_rank_state"]
+           "gather_rank_states", "pack_rank_state", "rank_files", "unpack_rank_state"]
 
 # The keys of a training state that differ between ranks.
 RANK_LOCAL_KEYS = ("rng", "generator", "loop")
@@ -109,3 +109,18 @@ def unpack_rank_state(blob: bytes, rank: int) -> dict[str, bytes]:
     if len(blob) > 8 + n:
         out[tensors_name] = blob[8 + n:]
     return out
+
+
+def gather_rank_states(ctx: Dist, state: Mapping[str, Any],
+                       rank_local_keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, bytes] | None, int]:
+    """Splits off this rank's own keys of ``state`` and gathers every rank's on rank 0. Returns the
+    shared state, on rank 0 the per-rank files (``{file name: bytes}``, None elsewhere), and the
+    bytes this rank sent."""
+    own = {k: v for k, v in state.items() if k in rank_local_keys}
+    shared = {k: v for k, v in state.items() if k not in rank_local_keys}
+    blob = pack_rank_state(own, ctx.rank)
+    blobs = gather_bytes(ctx, blob)
+    if blobs is None:
+        return shared, None, len(blob)
+    files = {fname: part for rank, data in enumerate(blobs) for fname, part in unpack_rank_state(data, rank).items()}
+    return shared, files, len(blob)

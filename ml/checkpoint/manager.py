@@ -13,6 +13,10 @@ copy is missing. Under ``torch.distributed`` rank 0 writes the model and optimiz
 rank's own RNG and loop state goes into the same checkpoint (:mod:`ml.checkpoint.distributed`).
 What a training state holds is :mod:`ml.checkpoint.state`; when to save and what to keep,
 :mod:`ml.checkpoint.policy`; the on-disk format and the commit protocol, :mod:`ml.checkpoint.store`.
+
+At ~460 lines this module is over the usual size: :class:`CheckpointManager` is one object whose
+saves share one root lock, one save in flight and the host buffers every tier reuses, and its
+save paths read best together; everything around it lives in the modules named above.
 """
 
 from __future__ import annotations
@@ -37,9 +41,7 @@ from ml.checkpoint.distributed import (
     all_ok,
     broadcast_json,
     detect_distributed,
-    gather_bytes,
-    pack_rank_state,
-    unpack_rank_state,
+    gather_rank_states,
 )
 from ml.checkpoint.policy import (
     METRIC_NAME,
@@ -53,7 +55,7 @@ from ml.checkpoint.policy import (
     training_checkpoint_name,
 )
 from ml.checkpoint.reader import LATEST, CheckpointReader, InvalidVersion, LoadedCheckpoint, ProductionCheckpoint
-from ml.checkpoint.snapshot import HostBuffer, snapshot_state
+from ml.checkpoint.snapshot import HostBuffer, modified_by_step, snapshot_state
 from ml.checkpoint.store import (
     COMPRESSIONS,
     STATE_JSON,
@@ -243,21 +245,16 @@ class CheckpointManager(CheckpointReader):
         meta: dict[str, Any] = {"tier": "training", "step": step, "epoch": epoch}
         extra_writers: dict[str, Callable[[Path], dict[str, Any]]] = {}
         if self._dist is not None:
-            own = {k: v for k, v in state.items() if k in self.rank_local_keys}
-            state = {k: v for k, v in state.items() if k not in self.rank_local_keys}
-            blob = pack_rank_state(own, self.rank)
-            blobs = gather_bytes(self._dist, blob)
-            if blobs is None:  # not rank 0: its part travelled in the gather
+            state, files, sent = gather_rank_states(self._dist, state, self.rank_local_keys)
+            if files is None:  # not rank 0: its part travelled in the gather
                 done: Future[SaveStats] = Future()
-                done.set_result(SaveStats("training", name, step, time.perf_counter() - started, 0.0, 0.0, len(blob)))
+                done.set_result(SaveStats("training", name, step, time.perf_counter() - started, 0.0, 0.0, sent))
                 return done
-            for rank, data in enumerate(blobs):
-                for fname, part in unpack_rank_state(data, rank).items():
-                    extra_writers[fname] = bytes_writer(part, checksum=self.checksum)
+            extra_writers = {fname: bytes_writer(part, checksum=self.checksum) for fname, part in files.items()}
             meta["world_size"] = self._dist.world_size
         self.wait()
         waited = time.perf_counter() - started
-        snapshot = snapshot_state(state, self._buffers, deferred=_step_modified(optimizer))
+        snapshot = snapshot_state(state, self._buffers, deferred=modified_by_step(optimizer))
         # A synchronous save has its caller waiting: its writers keep normal priority.
         idle = IdleThreads() if self.writer_priority == "idle" and self._async else None
         inflight = _InFlight(snapshot, idle)
@@ -377,33 +374,16 @@ class CheckpointManager(CheckpointReader):
             raise ValueError(f"metric {metric!r} was saved with mode {best[2]!r}, not {mode!r}")
         if not is_improvement(best[1] if best else None, float(value), mode):
             return None
-        self.wait()  # the training save in flight uses the host buffers this one reuses
-        started = time.perf_counter()
-        snapshot = snapshot_state(state, self._buffers)
         sidecar = {"metric": metric, "value": float(value), "mode": mode, "epoch": epoch, "step": step,
                    "run_id": run_id, "notes": notes}
-        times = IOTimes()
-        writers = snapshot.writers(times)
-        writers["milestone.json"] = bytes_writer(json.dumps(sidecar, indent=2, sort_keys=True).encode(), times)
-        tier_dir = self.tier_dir("milestone")
         base = milestone_base_name(metric, epoch, step)
         name, n = base, 1
-        while (tier_dir / name).exists():
+        while (self.tier_dir("milestone") / name).exists():
             n += 1
             name = f"{base}-{n}"
-        result = commit_checkpoint(tier_dir, name, writers, {"tier": "milestone", **sidecar},
-                                   workers=self._io_workers, times=times)
-        durable = time.perf_counter() - started
-        pointer = {"name": name, "value": float(value), "mode": mode}
-        write_pointer(tier_dir, f"best_{metric}", pointer)
-        upload_s, upload_error = self._mirror_commit("milestone", name, f"best_{metric}", pointer, None)
-        stats = SaveStats("milestone", name, step, time.perf_counter() - started, 0.0, 0.0, result.bytes_written,
-                          copy_s=snapshot.copy_s, checksum_s=times.checksum_s, write_s=times.write_s,
-                          fsync_s=times.fsync_s, upload_s=upload_s, durable_s=durable)
-        self._report(stats)
-        if upload_error is not None:
-            raise upload_error
-        return stats
+        extra = {"milestone.json": json.dumps(sidecar, indent=2, sort_keys=True).encode()}
+        return self._save_now("milestone", name, step, state, extra, {"tier": "milestone", **sidecar},
+                              f"best_{metric}", {"name": name, "value": float(value), "mode": mode})
 
     def save_production_checkpoint(self, weights: Mapping[str, torch.Tensor], version: str,
                                    config: Mapping[str, Any], model_card: Mapping[str, Any]) -> SaveStats:
@@ -425,28 +405,35 @@ class CheckpointManager(CheckpointReader):
         bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
         if bad:
             raise TypeError(f"production weights must map str to Tensor; offending keys: {bad[:5]}")
-        self.wait()
-        started = time.perf_counter()
-        snapshot = snapshot_state({"model": dict(weights)}, self._buffers)
-        times = IOTimes()
-        writers: dict[str, Callable[[Path], dict[str, Any]]] = {
-            fname: w for fname, w in snapshot.writers(times).items() if fname != STATE_JSON}
-        if "model.safetensors" not in writers:  # no tensors at all: still a loadable (empty) file
+        extra = {name: json.dumps(dict(doc), indent=2, sort_keys=True, allow_nan=False).encode()
+                 for name, doc in (("config.json", config), ("model_card.json", model_card))}
+        if not weights:  # no tensors at all: still a loadable (empty) file
             from safetensors.torch import save
 
-            writers["model.safetensors"] = bytes_writer(save({}), times)
-        writers["config.json"] = bytes_writer(json.dumps(dict(config), indent=2, sort_keys=True,
-                                                         allow_nan=False).encode(), times)
-        writers["model_card.json"] = bytes_writer(json.dumps(dict(model_card), indent=2, sort_keys=True,
-                                                             allow_nan=False).encode(), times)
-        result = commit_checkpoint(tier_dir, version, writers, {"tier": "production", "version": version},
-                                   workers=self._io_workers, times=times)
+            extra["model.safetensors"] = save({})
+        return self._save_now("production", version, None, {"model": dict(weights)}, extra,
+                              {"tier": "production", "version": version}, LATEST, {"name": version},
+                              tree=False)
+
+    def _save_now(self, tier: str, name: str, step: int | None, state: Mapping[str, Any],
+                  extra: Mapping[str, bytes], meta: Mapping[str, Any], pointer: str, payload: Mapping[str, Any],
+                  *, tree: bool = True) -> SaveStats:
+        """A synchronous save (milestone, production; SHA-256 digests): ``state``'s files plus the
+        ``extra`` files, committed, then ``pointer`` replaced and the mirror updated. Without
+        ``tree`` no ``state.json`` is written (a release is weights and documents only)."""
+        self.wait()  # the training save in flight uses the host buffers this one reuses
+        started = time.perf_counter()
+        snapshot = snapshot_state(state, self._buffers)
+        times = IOTimes()
+        writers = {fname: w for fname, w in snapshot.writers(times).items() if tree or fname != STATE_JSON}
+        writers.update({fname: bytes_writer(data, times) for fname, data in extra.items()})
+        result = commit_checkpoint(self.tier_dir(tier), name, writers, meta, workers=self._io_workers, times=times)
         durable = time.perf_counter() - started
-        write_pointer(tier_dir, LATEST, {"name": version})
-        upload_s, upload_error = self._mirror_commit("production", version, LATEST, {"name": version}, None)
-        stats = SaveStats("production", version, None, time.perf_counter() - started, 0.0, 0.0,
-                          result.bytes_written, copy_s=snapshot.copy_s, checksum_s=times.checksum_s,
-                          write_s=times.write_s, fsync_s=times.fsync_s, upload_s=upload_s, durable_s=durable)
+        write_pointer(self.tier_dir(tier), pointer, payload)
+        upload_s, upload_error = self._mirror_commit(tier, name, pointer, payload, None)
+        stats = SaveStats(tier, name, step, time.perf_counter() - started, 0.0, 0.0, result.bytes_written,
+                          copy_s=snapshot.copy_s, checksum_s=times.checksum_s, write_s=times.write_s,
+                          fsync_s=times.fsync_s, upload_s=upload_s, durable_s=durable)
         self._report(stats)
         if upload_error is not None:
             raise upload_error
@@ -478,15 +465,3 @@ class CheckpointManager(CheckpointReader):
         for name in doomed:
             remove_checkpoint(self.tier_dir(tier), name)
         return doomed
-
-
-def _step_modified(optimizer: torch.optim.Optimizer | None) -> Callable[[torch.Tensor], bool] | None:
-    """Whether a tensor shares storage with the optimizer's parameters or state: those change only
-    in ``optimizer.step()``."""
-    if optimizer is None:
-        return None
-    storages = {p.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]}
-    storages |= {v.untyped_storage().data_ptr() for per_param in optimizer.state.values()
-                 for v in per_param.values() if isinstance(v, torch.Tensor)}
-    storages.discard(0)
-    return lambda t: t.untyped_storage().data_ptr() in storages

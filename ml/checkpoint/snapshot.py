@@ -28,7 +28,7 @@ import torch
 from ml.checkpoint.store import STATE_JSON, ZSTD_SUFFIX, CheckpointCorrupt
 from ml.checkpoint.writers import DIRECT_MIN, IdleThreads, IOTimes, bytes_writer, write_image, write_zstd
 
-__all__ = ["FileImage", "HostBuffer", "Snapshot", "decode_state", "snapshot_state"]
+__all__ = ["FileImage", "HostBuffer", "Snapshot", "decode_state", "modified_by_step", "snapshot_state"]
 
 _PAGE = mmap.PAGESIZE
 # Marker keys of the JSON tree; a dict that uses one of them as a key is stored as pairs instead.
@@ -343,6 +343,18 @@ def snapshot_state(state: Mapping[str, Any], buffers: dict[str, HostBuffer], *,
         event.record(torch.cuda.current_stream(device))
         events.append(event)
     return Snapshot(tree_json, images, later, events, side_events, time.perf_counter() - started)
+
+
+def modified_by_step(optimizer: torch.optim.Optimizer | None) -> Callable[[torch.Tensor], bool] | None:
+    """A ``deferred`` predicate for :func:`snapshot_state`: whether a tensor shares storage with the
+    optimizer's parameters or state, which change only in ``optimizer.step()``."""
+    if optimizer is None:
+        return None
+    storages = {p.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]}
+    storages |= {v.untyped_storage().data_ptr() for per_param in optimizer.state.values()
+                 for v in per_param.values() if isinstance(v, torch.Tensor)}
+    storages.discard(0)
+    return lambda t: t.untyped_storage().data_ptr() in storages
 
 
 def decode_state(tree: Any, files: Mapping[str, Any], where: Path) -> Any:
