@@ -212,3 +212,15 @@ def test_settings_yaml_that_is_not_a_mapping(clean_env, tmp_path):
     (tmp_path / "settings.yaml").write_text("tracking: [unclosed")
     with pytest.raises(ConfigError, match=r"settings.yaml: not valid YAML"):
         load_settings()
+
+
+def test_readme_documents_every_setting_with_its_default():
+    import json
+
+    readme = (REPO / "README.md").read_text()
+    for section, info in Settings.model_fields.items():
+        for key, field in info.annotation.model_fields.items():
+            default = list(field.default) if isinstance(field.default, tuple) else field.default
+            shown = ("null" if default is None else str(default).lower() if isinstance(default, bool)
+                     else json.dumps(default) if isinstance(default, list) else str(default))
+            assert f"| `{section}.{key}` | `{shown}` |" in readme, f"{section}.{key} (default {shown})"
