@@ -1,5 +1,5 @@
-"""The train stage with its checkpoints: resuming by itself, starting fresh when told, and an
-anomaly that stops training cleanly."""
+"""The train stage with its checkpoints: resuming by itself, starting fresh when told, an anomaly
+that stops training cleanly, and a resumed run that stops where the straight one does."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import run_module, small_params, write_params
+from tests.conftest import run_module, small_params, write_params, write_settings
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +71,33 @@ def test_an_anomaly_with_action_stop_ends_training_cleanly(project):
     events = client.download_artifacts(summary["run_id"], "events/anomalies.jsonl", str(project))
     (event,) = [json.loads(line) for line in open(events)]
     assert event["kind"] == "exploding_gradient" and event["step"] == 1
+
+
+def test_a_resumed_run_with_anomaly_stop_and_early_stopping_ends_where_the_straight_run_ends(project):
+    """The callbacks that can end a run keep their state in the checkpoints: interrupted one epoch
+    before early stopping ends it (one epoch of patience already spent), the resumed run stops at
+    the same epoch, for the same reason, with the same weights."""
+    assert run_module("tasks.prepare", cwd=project).returncode == 0
+
+    def params(epochs):
+        return small_params(anomaly={"action": "stop"},
+                            train={"epochs": epochs, "lr": 0.03, "early_stopping_patience": 2})
+
+    write_settings(project, checkpoint={"dir": "checkpoints-straight"})
+    write_params(project, params(12))
+    straight = train(project)
+    history = json.loads((project / "reports/train_metrics.json").read_text())
+    stop_epoch = history[-1]["epoch"]
+    assert straight["stopped_early"].startswith("early stopping: val_loss has not improved") and 2 < stop_epoch < 12
+    straight_weights = weights(project)
+
+    write_settings(project, checkpoint={"dir": "checkpoints-interrupted"})
+    write_params(project, params(stop_epoch - 1))     # ends one epoch short of the stop: the interruption
+    assert train(project)["stopped_early"] is None
+    write_params(project, params(12))
+    resumed = train(project)
+    assert resumed["resume"].startswith(f"resuming from checkpoint training/epoch-{stop_epoch - 1:04d}-step-")
+    assert resumed["stopped_early"] == straight["stopped_early"] and resumed["final"] == straight["final"]
+    assert json.loads((project / "reports/train_metrics.json").read_text()) == history
+    resumed_weights = weights(project)
+    assert all(resumed_weights[k].equal(straight_weights[k]) for k in straight_weights)
