@@ -193,7 +193,7 @@ def test_alias_moves_outside_the_gate_are_never_served_under_load(endpoint, proj
         not_served(url, v3, "the weights' digest")
         info = httpx.get(f"{url}/info", timeout=10).json()
         assert (info["alias_target"], info["model_version"]) == (v3, v2)
-        assert info["alias_not_served"]["version"] == v3 and "weights' digest" in info["alias_not_served"]["why"]
+        assert info["alias_unverified"]["version"] == v3 and "weights' digest" in info["alias_unverified"]["why"]
 
         since = clients.counts()
         move(project, v1)
@@ -204,7 +204,8 @@ def test_alias_moves_outside_the_gate_are_never_served_under_load(endpoint, proj
     answers = [a for client_answers in clients.answers for a in client_answers]
     assert [a for a in answers if a.status != 200] == []
     assert {a.model_version for a in answers} == {v1, v2}  # never v3
-    errors = [line for line in log_path.read_text().splitlines() if f"names v{v3}, not served" in line]
+    errors = [line for line in log_path.read_text().splitlines()
+              if f"names v{v3}, whose approval does not verify" in line]
     assert len(errors) == 3, errors  # one line per reason, not one per poll
     assert [HAND_EDIT in errors[0], "signed record is for" in errors[1], "weights' digest" in errors[2]] == [True] * 3
 
@@ -227,8 +228,14 @@ def test_a_legitimate_approval_is_served_at_the_next_poll(endpoint, project, cap
                     f"v{v3} served after its approval")
     print(f"v{v3} served {time.monotonic() - approved_at:.2f} s after `mlops models approve` returned "
           f"(serve.poll_interval_s {POLL_S})")
-    assert info["alias_not_served"] is None and info["approval"].startswith("signed by carol (local user, key ")
+    assert info["alias_unverified"] is None and info["approval"].startswith("signed by carol (local user, key ")
     assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ready", "model_version": v3}
+
+    # the served version's signature removed by hand: it stays served (verified when loaded), reported
+    client.delete_model_version_tag(project.name, v3, signing.SIGNATURE_TAG)
+    health = not_served(url, v3, HAND_EDIT)
+    assert health["model_version"] == v3 and health["mismatch"].startswith(
+        f"champion names v{v3}, whose approval does not verify: ")
 
 
 if __name__ == "__main__":
