@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from typing import Any
 
 
@@ -38,7 +37,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
         if not keyring.keys:
             raise RegistryError(f"keyring {keyring.path}: holds no keys yet; the first `mlops models approve` "
                                 "(or `mlops keys rotate`) creates the signing key")
-        text = json.dumps({"keys": [asdict(k) for k in keyring.keys]}, indent=2) + "\n"
+        text = json.dumps(keyring.to_dict(), indent=2) + "\n"
         if args.output:
             atomic_write_text(args.output, text)
             print(f"{len(keyring.keys)} public key(s) written to {args.output}")

@@ -100,9 +100,7 @@ def create_app(tracking_uri: str, keyring: str | None = None) -> Any:
         return JSONResponse(answer, status)
 
     async def keys(request: Request) -> JSONResponse:
-        from dataclasses import asdict
-
-        return JSONResponse({"keys": [asdict(k) for k in Keyring.load(keyring).keys]})
+        return JSONResponse(Keyring.load(keyring).to_dict())
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ready"})

@@ -88,10 +88,14 @@ class KeyEntry:
 
 @dataclass
 class Keyring:
-    """Public keys that verify approvals, read from a JSON file ``{"keys": [KeyEntry, ...]}``."""
+    """Public keys that verify approvals, read from a JSON file ``{"keys": [KeyEntry, ...],
+    "revoked": [...]}``. ``revoked`` lists approvals withdrawn by a later signed rejection (by the
+    SHA-256 of their signature), so a revoked approval put back on a version by hand stays revoked
+    wherever this keyring is read."""
 
     path: Path
     keys: list[KeyEntry] = field(default_factory=list)
+    revoked: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Keyring:
@@ -102,14 +106,31 @@ class Keyring:
         try:
             data = json.loads(path.read_text())
             keys = [KeyEntry(**entry) for entry in data["keys"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            revoked = [dict(entry) for entry in data.get("revoked", [])]
+            if not all("signature_sha256" in entry for entry in revoked):
+                raise KeyError("signature_sha256")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"keyring {path}: expected JSON {{\"keys\": [{{\"key_id\", \"public_key\", "
                                 f"\"created\"}}, ...]}} ({exc.__class__.__name__}: {exc})") from None
-        return cls(path, keys)
+        return cls(path, keys, revoked)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keys": [asdict(k) for k in self.keys], "revoked": self.revoked}
 
     def save(self) -> None:
-        text = json.dumps({"keys": [asdict(k) for k in self.keys]}, indent=2) + "\n"
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
         atomic_write(self.path, lambda tmp: (tmp.write_text(text), tmp.chmod(0o644)))
+
+    def revoke_approval(self, envelope: str, model: str, version: str, by: str) -> None:
+        """Records that the approval in ``envelope`` (an ``approval_signature`` tag) was withdrawn."""
+        digest = hashlib.sha256(json.loads(envelope)["signature"].encode()).hexdigest()
+        if not any(entry["signature_sha256"] == digest for entry in self.revoked):
+            self.revoked.append({"signature_sha256": digest, "model": model, "version": version, "by": by,
+                                 "at": now_utc()})
+
+    def is_revoked(self, signature_b64: str) -> bool:
+        digest = hashlib.sha256(signature_b64.encode()).hexdigest()
+        return any(entry["signature_sha256"] == digest for entry in self.revoked)
 
     def find(self, key_id: str) -> KeyEntry | None:
         return next((k for k in self.keys if k.key_id == key_id), None)
@@ -280,6 +301,8 @@ def verify_tags(name: str, version: str, tags: dict[str, str], keyring: Keyring,
         problem = keyring.verify(payload, outer["signature"], outer["key_id"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return Verdict(False, pending, f"{SIGNATURE_TAG} is not a signed approval record")
+    if problem is None and keyring.is_revoked(outer["signature"]):
+        problem = f"this approval was revoked by a later signed rejection (keyring {keyring.path})"
     if problem is None and record.key_id != outer["key_id"]:
         problem = f"the record names key {record.key_id} but was signed with {outer['key_id']}"
     if problem is None and (record.model, record.version) != (name, str(version)):

@@ -176,7 +176,8 @@ def decide(client: Any, name: str, version: str | int, target: str, approver: st
     come before the first write. A rejected version loses its aliases.
     """
     record = get_version(client, name, version)
-    current = verify_tags(name, record.version, record.tags, Keyring.load()).status
+    keyring = Keyring.load()
+    current = verify_tags(name, record.version, record.tags, keyring).status
     self_approval = False
     if target == APPROVED:
         self_approval = check_approver(approver, run_author(client, record.run_id), allow_self_approval)
@@ -192,6 +193,9 @@ def decide(client: Any, name: str, version: str | int, target: str, approver: st
                             identity, signer_key_id(key))
     history = [*record.history, {**event.to_dict(), "identity": identity, "key_id": signed.key_id,
                                  "weights_digest": digest}]
+    if current == APPROVED:  # a revocation: the approval stays withdrawn even if put back by hand
+        keyring.revoke_approval(record.tags[SIGNATURE_TAG], name, record.version, approver)
+        keyring.save()
     client.set_model_version_tag(name, record.version, HISTORY_TAG, json.dumps(history[-HISTORY_KEPT:]))
     client.set_model_version_tag(name, record.version, SIGNATURE_TAG, sign(signed, key))
     client.set_model_version_tag(name, record.version, STATUS_TAG, target)

@@ -289,3 +289,17 @@ def test_keys_commands(config, capsys, tmp_path):
     main(["keys", "export-public", "-o", str(tmp_path / "endpoint-keyring.json")])
     exported = Keyring.load(tmp_path / "endpoint-keyring.json")
     assert [k.key_id for k in exported.keys] == [k.key_id for k in Keyring.load().keys]
+
+
+def test_a_revoked_approval_put_back_by_hand_stays_revoked(registry):
+    from registry import actions, store
+
+    uri, client = registry
+    approval = client.get_model_version(MODEL, "1").tags[signing.SIGNATURE_TAG]
+    actions.reject_version(uri, MODEL, "1", "regressed on slice 7", approver="carol")
+    (entry,) = Keyring.load().revoked
+    assert (entry["model"], entry["version"], entry["by"]) == (MODEL, "1", "carol")
+    client.set_model_version_tag(MODEL, "1", signing.SIGNATURE_TAG, approval)  # an EDIT user restores it
+    client.set_model_version_tag(MODEL, "1", "approval_status", "Approved")
+    verdict = store.verify_version(client, store.get_version(client, MODEL, "1"))
+    assert not verdict.approved and verdict.why.startswith("this approval was revoked by a later signed rejection")
