@@ -1,5 +1,6 @@
 """What a user does, in a fresh copy of the repository: run the pipeline, approve, promote, serve,
-then ask which data produced the model the endpoint serves."""
+then ask which data produced the model the endpoint serves, and what that dataset went into.
+Every command imports the copy's own code (PYTHONPATH names the copy, never this checkout)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_repo, shrink_params
+from tests.conftest import copy_repo, shrink_params
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def sh(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(list(args), cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+def copy_env(project: Path) -> dict[str, str]:
+    """The environment of a user working in ``project``: its own code first on the import path, and
+    a Prefect home of its own (the ephemeral API's database is not shared with other test runs; its
+    first start creates the database, which takes longer than Prefect's 20 s default on 2 busy cores)."""
+    return {**os.environ, "PYTHONPATH": str(project), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PREFECT_HOME": str(project.parent / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+
+
+def sh(project: Path, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(args), cwd=cwd or project, env=copy_env(project), capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, f"{' '.join(args)}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -35,14 +45,23 @@ def test_the_lineage_chain_is_complete_after_run_approve_promote_serve(tmp_path)
     for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"]):
         subprocess.run(cmd, cwd=project, check=True, capture_output=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    # from outside the copy (as the console script runs: no working directory on the path)
+    imported = sh(project, sys.executable, "-c", "import ml, mlops.cli, lineage; print(ml.__file__, "
+                  "mlops.cli.__file__, lineage.__file__)", cwd=tmp_path).stdout.split()
+    assert all(Path(f).is_relative_to(project) for f in imported), imported
 
     sh(project, sys.executable, "-m", "flows.training")
     mlops = str(BIN / "mlops")
     sh(project, mlops, "models", "approve", "digits-classifier", "1", "--reason", "e2e", "--allow-self-approval")
     sh(project, mlops, "models", "promote", "digits-classifier", "1")
+    version = json.loads(sh(project, mlops, "models", "show", "digits-classifier", "1", "--json").stdout)
+    (approval,) = [e for e in version["history"] if e["to_status"] == "Approved"]
+    assert approval["self_approval"] is True  # the run's author approved: the override is on record
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    processed = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/processed")
+    train_run = json.loads((project / "reports/train_run.json").read_text())["run_id"]
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    server = subprocess.Popen([mlops, "serve"], cwd=project, env=env, stdout=subprocess.PIPE,
+    server = subprocess.Popen([mlops, "serve"], cwd=project, env=copy_env(project), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         line = ""
@@ -54,6 +73,7 @@ def test_the_lineage_chain_is_complete_after_run_approve_promote_serve(tmp_path)
             info = json.loads(response.read())
         assert info["model_version"] == "1"
         lineage = json.loads(sh(project, mlops, "lineage", "endpoint", "digits", "--format", "json").stdout)
+        used = json.loads(sh(project, mlops, "lineage", "dataset", processed["md5"], "--format", "json").stdout)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -65,10 +85,18 @@ def test_the_lineage_chain_is_complete_after_run_approve_promote_serve(tmp_path)
     assert {r["run_kind"] for r in runs} == {"stage", "pipeline"}
     pipeline = next(r for r in runs if r["run_kind"] == "pipeline")
     assert pipeline["prefect_flow_run_id"]
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    processed = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/processed")
     assert nodes["dataset"]["md5"] == processed["md5"]
     assert nodes["dataset"]["git_commit"] == commit
     assert nodes["raw_source"]["label"].endswith("sklearn:digits")
     text = sh(project, mlops, "lineage", "endpoint", "digits").stdout
     assert "Approved" in text and processed["md5"] in text
+
+    # and from the dataset forwards, over the runs and tags the pipeline itself wrote
+    edges = {(e["from"], e["relation"], e["to"]) for e in used["edges"]}
+    dataset_id, run_id, version_id = f"dataset:{processed['md5']}", f"run:{train_run}", "version:digits-classifier/1"
+    assert used["root"] == dataset_id and not [n for n in used["nodes"] if n["missing"]], used
+    assert {(dataset_id, "used by", run_id), (dataset_id, "used by", f"run:{pipeline['run_id']}"),
+            (run_id, "registered as", version_id), (version_id, "served by (now)", "endpoint:digits")} <= edges, edges
+    assert {n["run_kind"] for n in used["nodes"] if n["kind"] == "run"} == {"stage", "pipeline"}
+    dataset = next(n for n in used["nodes"] if n["id"] == dataset_id)
+    assert dataset["git_commit"] == commit and dataset["source"] == "sklearn:digits"
