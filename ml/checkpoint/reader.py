@@ -65,6 +65,7 @@ class CheckpointReader:
         mirror: an :class:`ml.checkpoint.s3.S3Mirror` to restore from when a checkpoint is missing
             locally (writable managers only).
         dist: this process's place in a ``torch.distributed`` group, or None.
+        read_only: False only for the writing subclass, which then holds the root's lock.
     """
 
     def __init__(self, root: str | Path, *, mirror: Any = None, dist: Dist | None = None,

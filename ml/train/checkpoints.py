@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ml.checkpoint.manager import CheckpointManager, should_save
+from ml.checkpoint.manager import CheckpointManager
+from ml.checkpoint.policy import should_save
 from ml.checkpoint.state import restore_training_state, training_state
 from ml.checkpoint.store import CheckpointCorrupt
 from ml.train.loop import Callback, LoopState
