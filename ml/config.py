@@ -119,6 +119,8 @@ class TrainConfig(Section):
     model_dir: NonEmpty = Field(description="directory of the trained weights (DVC out)")
     run_file: NonEmpty = Field(description="JSON file naming the MLflow run of this training (DVC out)")
     metrics_file: NonEmpty = Field(description="per-epoch metrics as JSON lines (DVC plot)")
+    early_stopping_patience: Int | None = Field(None, gt=0, description="epochs in a row without an improvement of early_stopping_metric that end training, or null: every epoch runs")
+    early_stopping_metric: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = Field("val_loss", description="epoch metric early stopping watches (its direction from ml.metrics)")
 
 
 class EvaluateConfig(Section):
@@ -146,9 +148,6 @@ class AnomalyConfig(Section):
     loss_spike_window: Int = Field(gt=0, description="steps in the robust z-score window of the loss")
     loss_spike_zscore: Float = Field(gt=0, description="robust z-score above which a loss is a spike, > 0")
     max_grad_norm: Float | None = Field(gt=0, description="gradient norm above which it is exploding, or null")
-    patience: Int | None = Field(gt=0, description="evaluations without improvement that count as a plateau, or null")
-    patience_metric: NonEmpty = Field(description="validation metric watched for improvement")
-    patience_mode: Literal["min", "max"] = Field(description="direction of improvement")
 
 
 # TrainConfig keys a study may search, and whether a {low, high, log} range suits them (floats);

@@ -31,7 +31,9 @@ def test_repository_params_load():
     ("train", "lr", None, "train.lr: expected float, got null"),
     ("train", "hidden_sizes", [64, "wide"], "train.hidden_sizes[1]: expected int, got 'wide'"),
     ("train", "hidden_sizes", [], "train.hidden_sizes: expected widths of the MLP's hidden layers, e.g. [128, 64], got []"),
-    ("anomaly", "patience", 0, "anomaly.patience: expected evaluations without improvement"),
+    ("train", "early_stopping_patience", 0, "train.early_stopping_patience: expected epochs in a row without"),
+    ("train", "early_stopping_metric", "val_f1", "train.early_stopping_metric: expected one of val_loss, val_accuracy, "
+                                                 "train_loss, train_accuracy, got 'val_f1'"),
     ("validate", "min_class_fraction", 0.5, "validate.min_class_fraction: expected a value <= validate.max_class_fraction, got 0.5 > 0.2"),
     ("data", "source", " ", "data.source: expected `sklearn:digits`, or a path to a .csv/.parquet file, got ' '"),
 ])
@@ -88,10 +90,10 @@ def test_params_are_frozen(tmp_path):
 
 def test_nullable_fields_accept_null(tmp_path):
     params = base_params()
-    params["anomaly"]["patience"] = None
+    params["train"]["early_stopping_patience"] = None
     params["anomaly"]["max_grad_norm"] = None
     loaded = load_params(write_params(tmp_path, params))
-    assert loaded.anomaly.patience is None and loaded.anomaly.max_grad_norm is None
+    assert loaded.train.early_stopping_patience is None and loaded.anomaly.max_grad_norm is None
 
 
 def test_exponent_notation_is_a_number(tmp_path):
