@@ -121,6 +121,7 @@ class TrainConfig(Section):
     metrics_file: NonEmpty = Field(description="per-epoch metrics as JSON lines (DVC plot)")
     early_stopping_patience: Int | None = Field(None, gt=0, description="epochs in a row without an improvement of early_stopping_metric that end training, or null: every epoch runs")
     early_stopping_metric: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = Field("val_loss", description="epoch metric early stopping watches (its direction from ml.metrics)")
+    log_every_steps: Int = Field(1, gt=0, description="steps whose loss and grad norm are fetched from the device in one transfer, logged and checked for anomalies together; raise it on a GPU so the device is not synchronized every step (an anomaly stop then lands at the end of its interval)")
 
 
 class EvaluateConfig(Section):

@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     try:
         state = fit(model, optimizer, as_tensors(x_train, y_train), as_tensors(x_val, y_val),
                     epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, tracker=tracker,
-                    hooks=all_hooks, state=state)
+                    hooks=all_hooks, state=state, log_every_steps=cfg.log_every_steps)
     finally:
         if manager is not None:
             manager.close()
