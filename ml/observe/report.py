@@ -60,11 +60,6 @@ class MetricSummary:
     trend: str
 
 
-def metric_mode(name: str) -> str:
-    """``"min"`` or ``"max"``: :func:`ml.metrics.direction`, the pipeline's one table."""
-    return direction(name)
-
-
 def slope(values: Sequence[float]) -> float:
     """Least-squares slope per index of ``values`` (0 for fewer than two)."""
     n = len(values)
@@ -105,7 +100,7 @@ def summarize_metrics(history: Sequence[Mapping[str, Any]], modes: Mapping[str, 
     """Best value (with its epoch and step), first, last and trend of every numeric metric."""
     out = []
     for name in _metric_names(history):
-        mode = (modes or {}).get(name) or metric_mode(name)
+        mode = (modes or {}).get(name) or direction(name)
         rows = [row for row in history if isinstance(row.get(name), (int, float)) and math.isfinite(row[name])]
         if not rows:
             continue
@@ -343,7 +338,7 @@ def summary_report(history: Sequence[Mapping[str, Any]] = (), *, resources: Mapp
     or empty are left out; the recommendations section is always there.
 
     Args:
-        modes: Direction per metric name (``"min"``/``"max"``); others follow :func:`metric_mode`.
+        modes: Direction per metric name (``"min"``/``"max"``); others follow :func:`ml.metrics.direction`.
         trend_window: Epochs the trend and the epoch rules look back over, >= 2.
     """
     if trend_window < 2:

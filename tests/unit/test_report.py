@@ -3,8 +3,7 @@ import re
 import pytest
 
 from ml.observe.anomaly import AnomalyEvent
-from ml.observe.report import (MetricSummary, metric_mode, recommendations, slope, summarize_metrics, summary_report,
-                       trend)
+from ml.observe.report import MetricSummary, recommendations, slope, summarize_metrics, summary_report, trend
 
 
 def history(train, val, accuracy=None):
@@ -32,8 +31,9 @@ def rules(**inputs):
 @pytest.mark.parametrize("name, mode", [("val_loss", "min"), ("train_loss", "min"), ("val_accuracy", "max"),
                                         ("macro_f1", "max"), ("train/step_ms", "min"), ("samples_per_s", "max"),
                                         ("test_error", "min")])
-def test_metric_mode(name, mode):
-    assert metric_mode(name) == mode
+def test_metric_directions_come_from_the_one_table(name, mode):
+    (summary,) = summarize_metrics([{"epoch": 1, "step": 1, name: 1.0}])
+    assert summary.mode == mode
 
 
 @pytest.mark.parametrize("values, mode, expected", [
