@@ -1,5 +1,6 @@
 """The training pipeline as one Prefect flow: the same stage functions dvc.yaml runs, in the same
-order, then ``dvc commit`` so dvc.lock versions exactly what the flow produced.
+order, then ``dvc commit`` so dvc.lock versions exactly what the flow produced, and ``dvc push`` to
+the DVC remote of the ``data_remote`` settings when one is set (README: Data on a DVC remote).
 
     python -m flows.training [--params params.yaml]
 """
@@ -36,6 +37,68 @@ def commit_outputs(repo_dir: str = ".") -> list[str]:
 
 
 version_outputs_task = task(commit_outputs, name="dvc-commit", cache_policy=NO_CACHE)
+
+
+def push_outputs(remote: Any, repo_dir: str = ".") -> int:
+    """``dvc push`` of what dvc.lock records to ``remote`` (the ``data_remote`` settings)."""
+    from ml.dvc_remote import push
+
+    return push(remote, repo_dir)
+
+
+def retry_push(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: a failed transfer is retried; a remote that refuses (missing bucket,
+    wrong credentials) is not."""
+    from ml.dvc_remote import RemoteRefused
+
+    try:
+        state.result()
+    except RemoteRefused:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient I/O
+        return True
+    return False
+
+
+push_outputs_task = task(push_outputs, name="dvc-push", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+                         retry_condition_fn=retry_push)
+
+
+def check_data_remote(versioning: bool) -> Any:
+    """The ``data_remote`` settings when the flow will push to them, checked before any work starts
+    (one line naming the bucket or directory); None when there is nothing to push to."""
+    from ml.dvc_remote import check_remote
+    from ml.settings import load_settings
+
+    remote = load_settings().data_remote
+    if not versioning or remote.url is None:
+        return None
+    check_remote(remote)
+    return remote
+
+
+def version_outputs(pipeline: Any, registered: dict[str, Any], remote: Any) -> None:
+    """``dvc commit``, the resulting dvc.lock as an artifact of the pipeline run, then ``dvc push``
+    when a remote is set. A push that fails after its retries fails the flow (exit 5) with one line
+    saying that the version is registered but its data is only in this checkout's DVC cache: the
+    registration is not undone, since the push can be repeated (`dvc push`) and the version's
+    approval does not depend on it, but a run that cannot be reproduced elsewhere is not a success."""
+    from ml.dvc_remote import LOCK_ARTIFACT_DIR, DataNotPushed, DataRemoteError, describe
+
+    version_outputs_task()
+    pipeline.log_artifact("dvc.lock", LOCK_ARTIFACT_DIR)
+    if remote is None:
+        return
+    pipeline.set_tags({"data_remote": remote.url})
+    try:
+        pushed = push_outputs_task(remote)
+    except DataRemoteError as exc:
+        pipeline.set_tags({"data_pushed": "false"})
+        raise DataNotPushed(f"{registered['model_name']} version {registered['version']} is registered, but its "
+                            f"data and model were not pushed to {describe(remote)}: {exc}; they are in this "
+                            "checkout's DVC cache: run `dvc push` once the remote takes them") from None
+    pipeline.set_tags({"data_pushed": "true"})
+    print(f"dvc push: {pushed} files uploaded to {describe(remote)}")
 
 
 def start_pipeline_run(params_path: str) -> Any:
@@ -107,6 +170,9 @@ def training_pipeline(params_path: str = "params.yaml", version_data: bool = Tru
     (dvc.yaml reads that file, so a different one would record params it did not use).
     """
     quiet_known_errors()
+    versioning = version_data and Path(params_path).resolve() == Path("params.yaml").resolve() \
+        and Path("dvc.yaml").exists()
+    remote = check_data_remote(versioning)
     pipeline = start_pipeline_run(params_path)
     parent = pipeline.run_id
     status = "FAILED"
@@ -120,8 +186,8 @@ def training_pipeline(params_path: str = "params.yaml", version_data: bool = Tru
         registered = register_task(params_path, parent_run_id=parent)
         pipeline.set_tags({"registered_model": registered["model_name"],
                            "registered_version": registered["version"]})
-        if version_data and Path(params_path).resolve() == Path("params.yaml").resolve() and Path("dvc.yaml").exists():
-            version_outputs_task()
+        if versioning:
+            version_outputs(pipeline, registered, remote)
         status = "FINISHED"
         # With promotion.after_training, hand the new version to the promotion flow (it waits for
         # the approval in the registry); otherwise this does nothing.

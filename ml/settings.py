@@ -1,9 +1,9 @@
 """Runtime settings: where things run, which never changes what a stage produces.
 
 params.yaml is what DVC tracks, so a key there re-runs the stages that list it when it changes.
-Tracking (URI, buffering, spool, progress), checkpoint storage, serving, promotion timing and the
-MLflow server of ``mlops up`` (its database, artifact store, interface and authentication) live
-here instead, read with pydantic-settings from, highest first:
+Tracking (URI, buffering, spool, progress), checkpoint storage, serving, promotion timing, the
+MLflow server of ``mlops up`` (its database, artifact store, interface and authentication) and the
+DVC remote of the data live here instead, read with pydantic-settings from, highest first:
 
 1. ``MLOPS_<SECTION>__<KEY>`` environment variables (``MLOPS_TRACKING__PROGRESS=off``; lists and
    mappings as JSON),
@@ -101,6 +101,14 @@ class ServerConfig(Section):
     allowed_hosts: tuple[NonEmpty, ...] = Field(default=(), description="Host headers the server accepts besides MLflow's default (localhost, private IPs): its DNS names")
 
 
+class DataRemoteConfig(Section):
+    """The DVC remote the training flow pushes its outputs to and a fresh clone pulls them from (ml/data/remote.py)."""
+
+    url: Annotated[str, Field(pattern=r"^(s3://[^/\s]+(/\S*)?|[^:\s][^:]*)$")] | None = Field(default=None, description="DVC remote storage: s3://bucket/prefix or a directory (relative to the working directory), or null for none: data stays in the local DVC cache")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = Field(default="storage", description="name of the DVC remote, set as the default remote in .dvc/config.local (never the committed .dvc/config)")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint of the remote (DVC's endpointurl), or null for AWS")
+
+
 class Settings(BaseSettings):
     """All runtime settings (see the module docstring for where each value comes from)."""
 
@@ -112,6 +120,7 @@ class Settings(BaseSettings):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the serving endpoint")
     promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="the promotion flow")
     server: ServerConfig = Field(default_factory=ServerConfig, description="the MLflow server of mlops up")
+    data_remote: DataRemoteConfig = Field(default_factory=DataRemoteConfig, description="the DVC remote of the training flow's outputs")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -299,33 +299,10 @@ def upgrade_database(url: str, timeout_s: float = 5.0) -> tuple[str | None, str 
 def check_bucket(uri: str, endpoint_url: str | None = None, timeout_s: float = 5.0) -> None:
     """Checks that the bucket of ``s3://bucket/prefix`` exists and that this process's S3
     credentials (which the server inherits) may read it: one line naming the bucket otherwise."""
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    from ml.storage import check_bucket as check_s3_bucket
 
-    bucket = uri.removeprefix("s3://").split("/", 1)[0]
-    if not bucket:
-        raise ServiceError(f"artifacts {uri!r}: expected s3://bucket/prefix")
-    endpoint_url = endpoint_url or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    at = endpoint_url or "AWS S3"
-    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1})
-    try:
-        boto3.client("s3", endpoint_url=endpoint_url, config=config).head_bucket(Bucket=bucket)
-    except NoCredentialsError:
-        raise ServiceError(f"artifacts bucket {bucket} at {at}: no S3 credentials for the server "
-                           "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)") from None
-    except EndpointConnectionError:
-        raise ServiceError(f"artifacts bucket {bucket}: cannot reach the S3 endpoint {at}") from None
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchBucket"):
-            raise ServiceError(f"artifacts bucket {bucket} at {at}: no such bucket") from None
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise ServiceError(f"artifacts bucket {bucket} at {at}: access denied; wrong S3 credentials "
-                               "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or no permission on the bucket") from None
-        raise ServiceError(f"artifacts bucket {bucket} at {at}: {code or exc}") from None
-    except BotoCoreError as exc:
-        raise ServiceError(f"artifacts bucket {bucket} at {at}: {exc}") from None
+    check_s3_bucket(uri, endpoint_url or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, label="artifacts",
+                    for_whom=" for the server", timeout_s=timeout_s, error=ServiceError)
 
 
 def prefect_env(port: int, home: str | Path | None = None) -> dict[str, str]:
