@@ -8,6 +8,14 @@ a promotion or rollback moves it, the new version is loaded whole and then swapp
 reference assignment, so a request in flight finishes on the model it started with.
 Every start, switch and stop is a deployment record (:mod:`deploy.records`) and a tag
 ``deployment.<endpoint>`` on the version being served.
+
+Only a version whose signed approval verifies is served (:mod:`registry.signing`, keys from the
+keyring file, re-read on every poll): its signature on every poll, and before a switch the digest
+of the very files about to be loaded and the approver against the run's author. When the alias
+points at a version that does not verify (an alias or tag set by hand in the MLflow UI), the
+endpoint keeps serving the last verified version, logs one error line naming the version and why,
+and says so in ``/health`` and ``/info``; at start it refuses to start. A later valid approval of
+that version is picked up at the next poll.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import numpy as np
 from deploy.records import DeploymentRecord, append_record, check_endpoint_name, utc_now
 from ml.settings import ServeConfig
 from ml.errors import ConfigError, RegistryError
+from registry.signing import Keyring, directory_digest, verify_tags
 
 try:
     import orjson
@@ -53,6 +62,14 @@ log = logging.getLogger("deploy.serve")
 INPUT_KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 _NUMBER_TYPES = {int, float}
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # what MLflow says of a missing model/alias
+
+
+class UnverifiedVersion(RegistryError):
+    """A version the alias names whose signed approval does not verify; it is not served."""
+
+    def __init__(self, version: str, why: str) -> None:
+        super().__init__(why)
+        self.version, self.why = version, why
 
 
 class InvalidInput(ValueError):
@@ -183,6 +200,7 @@ class ServedModel:
     module: Any
     spec: InputSpec
     since: str = ""
+    approval: str = ""  # who signed the approval that let it be served
 
     @property
     def uri(self) -> str:
@@ -190,11 +208,10 @@ class ServedModel:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Class indices and class probabilities for a float32 matrix."""
-        import torch
+        from ml.model.predict import predict
 
-        with torch.inference_mode():
-            probabilities = torch.softmax(self.module(torch.from_numpy(x)), dim=1)
-            return probabilities.argmax(dim=1).numpy(), probabilities.numpy()
+        classes, probabilities = predict(self.module, x, probabilities=True)
+        return classes, probabilities
 
 
 def public_uri(uri: str) -> str:
@@ -208,74 +225,59 @@ def public_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
 
 
-def load_version(client: Any, tracking_uri: str, name: str, version: str) -> ServedModel:
-    """Downloads and loads one model version completely, checked against its signature."""
+def load_version(client: Any, tracking_uri: str, name: str, version: str,
+                 keyring: Keyring | None = None) -> ServedModel:
+    """Downloads and loads one model version completely, checked against its signature; raises
+    :class:`UnverifiedVersion` unless its signed approval verifies over the files downloaded."""
     import mlflow.artifacts
     import mlflow.pytorch
     import torch
     from mlflow.models import Model
 
-    from registry.store import get_version
+    from ml.model.predict import inference_model
+    from registry.store import get_version, run_author
 
     record = get_version(client, name, version)
+    keyring = keyring or Keyring.load()
+    verdict = verify_tags(name, record.version, record.tags, keyring)  # the signature, before any download
+    if not verdict.approved:
+        raise UnverifiedVersion(record.version, verdict.why or f"its signed status is {verdict.status}")
     with tempfile.TemporaryDirectory(prefix="mlops-serve-") as tmp:
         # the version's own artifact location: a models:/ URI would be resolved against the
         # process-wide registry URI, not this server's
         source = client.get_model_version_download_uri(name, record.version)
         local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
+        verdict = verify_tags(name, record.version, record.tags, keyring,
+                              weights_digest=directory_digest(local), author=run_author(client, record.run_id))
+        if not verdict.approved:
+            raise UnverifiedVersion(record.version, verdict.why or f"its signed status is {verdict.status}")
         spec = InputSpec.from_signature(Model.load(local).signature, f"{name} v{version}")
         module = mlflow.pytorch.load_model(local)
-    with suppress(NotImplementedError):  # an exported (pt2) graph is already in inference form
-        module.eval()
-    module = eager_equivalent(module, spec.width)
+    module = inference_model(module, spec.width)
     with torch.inference_mode():  # the first call pays for lazy initialization, not a request
         out = module(torch.zeros(2, spec.width))
     if out.ndim != 2:
         raise RegistryError(f"{name} v{version}: model output has shape {list(out.shape)}; expected [rows, classes]")
-    return ServedModel(name, record.version, record.run_id, record.status, record.tags.get("dataset_md5"),
-                       record.tags.get("dataset_source"), module, spec)
-
-
-def eager_equivalent(module: Any, width: int) -> Any:
-    """The project's :class:`ml.model.architectures.MLP` rebuilt from ``module``'s weights when they fit it and it
-    gives the same outputs; otherwise ``module`` itself. Calling an exported (pt2) graph costs about
-    three times the eager network on a single row (input flattening and guards on every call)."""
-    import torch
-
-    from ml.model.architectures import MLP, ModelSpec
-
-    state = module.state_dict()
-    layers = sorted((k for k in state if k.startswith("net.") and k.endswith(".weight")),
-                    key=lambda k: int(k.split(".")[1]))
-    if not layers or any(state[k].ndim != 2 for k in layers):
-        return module
-    spec = ModelSpec(int(state[layers[0]].shape[1]), tuple(int(state[k].shape[0]) for k in layers[:-1]),
-                     int(state[layers[-1]].shape[0]), 0.0)
-    try:
-        eager = MLP(spec)
-        eager.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError):
-        return module
-    eager.eval()
-    probe = torch.rand(32, width, generator=torch.Generator().manual_seed(0)) * 16
-    with torch.inference_mode():
-        expected = module(probe)
-        same = expected.shape == (32, spec.num_classes) and torch.allclose(eager(probe), expected, rtol=1e-4, atol=1e-4)
-    return eager if same else module
+    return ServedModel(name, record.version, record.run_id, verdict.status, record.tags.get("dataset_md5"),
+                       record.tags.get("dataset_source"), module, spec, approval=verdict.line())
 
 
 class ModelServer:
     """The served model, the alias it follows, and the records of what was served when."""
 
-    def __init__(self, cfg: ServeConfig, tracking_uri: str, model_name: str, url: str) -> None:
+    def __init__(self, cfg: ServeConfig, tracking_uri: str, model_name: str, url: str,
+                 keyring: str | None = None) -> None:
         self.cfg = cfg
+        self.keyring_path = keyring  # None: $MLOPS_APPROVAL_KEYRING, else the user's config dir
+        self.unverified: tuple[str, str] | None = None  # (version the alias names, why it is not served)
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self.url = url
         self.served: ServedModel | None = None
         self.alias_target: str | None = None
         self.last_poll: str | None = None
-        self._unloadable: tuple[str, float] | None = None  # (version, monotonic time to retry loading it)
+        # (version, its signature tag, monotonic time to retry loading it): a new signature retries at once
+        self._unloadable: tuple[str, str, float] | None = None
         self._client: Any = None
         # Registry and loading work runs off the event loop, always on this one thread, so the
         # store's per-thread connection stays warm and polls stay short.
@@ -305,8 +307,18 @@ class ModelServer:
                 return None
             raise
 
+    def keyring(self) -> Keyring:
+        return Keyring.load(self.keyring_path)
+
+    def resolve_target(self) -> Any:
+        """The version record the alias names now, or None when the alias is not set."""
+        from registry.store import champion
+
+        return champion(self.client, self.model_name, self.cfg.alias)
+
     def load_alias(self) -> ServedModel:
-        """Loads the version behind the alias; refuses clearly when the model or the alias is missing."""
+        """Loads the version behind the alias; refuses clearly when the model or the alias is missing,
+        or when the version's approval does not verify."""
         from mlflow.exceptions import MlflowException
 
         where = public_uri(self.tracking_uri)
@@ -321,7 +333,12 @@ class ModelServer:
             raise RegistryError(f"model {self.model_name!r} has no alias {self.cfg.alias!r}; "
                                 "approve and promote a version first (mlops models promote)")
         self.alias_target = version
-        return load_version(self.client, self.tracking_uri, self.model_name, version)
+        try:
+            return load_version(self.client, self.tracking_uri, self.model_name, version, self.keyring())
+        except UnverifiedVersion as exc:
+            raise RegistryError(f"{self.model_name}@{self.cfg.alias} names v{exc.version}, whose approval does not "
+                                f"verify: {exc.why}; nothing served (approve it with `mlops models approve`, "
+                                f"or move {self.cfg.alias} back)") from None
 
     def record(self, event: str, served: ServedModel) -> None:
         append_record(self.cfg.records_dir, DeploymentRecord(
@@ -368,24 +385,51 @@ class ModelServer:
                 log.warning("%s: %s, still serving v%s", self.cfg.endpoint, str(exc).splitlines()[0],
                             self.served.version if self.served else "-")
 
+    def set_unverified(self, state: tuple[str, str] | None) -> None:
+        """Records whether the alias names a version that is not served, logging each change once."""
+        if state == self.unverified:
+            return
+        self.unverified = state
+        served = self.served.version if self.served else "-"
+        if state is not None:
+            log.error("%s: %s@%s names v%s, whose approval does not verify: %s; serving v%s",
+                      self.cfg.endpoint, self.model_name, self.cfg.alias, state[0], state[1], served)
+
     async def poll_once(self) -> None:
-        """One check of the alias: when it names another version, load that one whole, then swap."""
+        """One check of the alias: when it names another version whose signed approval verifies,
+        load that one whole (its weights checked against the signature), then swap."""
         try:
-            target = await self.off_loop(self.resolve_alias)
+            record = await self.off_loop(self.resolve_target)
+            keyring = await self.off_loop(self.keyring)
         except Exception as exc:
             raise RuntimeError(f"checking {self.model_name}@{self.cfg.alias} failed: {exc}") from exc
+        target = record.version if record is not None else None
         self.alias_target, self.last_poll = target, utc_now()
         current = self.served
-        if target is None or current is None or target == current.version:
+        if target is None or current is None:
+            self.set_unverified(None)
             return
-        if self._unloadable and self._unloadable[0] == target and time.monotonic() < self._unloadable[1]:
+        verdict = verify_tags(self.model_name, target, record.tags, keyring)
+        if not verdict.approved:  # the served version stays, verified when it was loaded
+            self.set_unverified((target, verdict.why or f"its signed status is {verdict.status}"))
+            return
+        if target == current.version:
+            self.set_unverified(None)
+            return
+        signature = record.tags.get("approval_signature", "")
+        if self._unloadable and self._unloadable[:2] == (target, signature) and time.monotonic() < self._unloadable[2]:
             return
         try:
-            loaded = await self.off_loop(load_version, self.client, self.tracking_uri, self.model_name, target)
+            loaded = await self.off_loop(load_version, self.client, self.tracking_uri, self.model_name, target, keyring)
+        except UnverifiedVersion as exc:
+            self._unloadable = (target, signature, time.monotonic() + max(60.0, 10 * self.cfg.poll_interval_s))
+            self.set_unverified((target, exc.why))
+            return
         except Exception as exc:
             # retried after a while, not on every poll: a broken version is not downloaded in a loop
-            self._unloadable = (target, time.monotonic() + max(60.0, 10 * self.cfg.poll_interval_s))
+            self._unloadable = (target, signature, time.monotonic() + max(60.0, 10 * self.cfg.poll_interval_s))
             raise RuntimeError(f"loading {self.model_name} v{target} failed: {exc}") from exc
+        self.set_unverified(None)
         self.served = replace(loaded, since=utc_now())  # one reference assignment: the swap
         log.info("%s: %s@%s moved, serving v%s (was v%s)", self.cfg.endpoint, self.model_name, self.cfg.alias,
                  target, current.version)
@@ -405,6 +449,9 @@ class ModelServer:
             "model_version": served.version if served else None, "model_uri": served.uri if served else None,
             "run_id": served.run_id if served else None,
             "approval_status": served.status if served else None,
+            "approval": served.approval if served else None,
+            "alias_unverified": ({"version": self.unverified[0], "why": self.unverified[1]}
+                                 if self.unverified else None),
             "dataset_md5": served.dataset_md5 if served else None,
             "dataset_source": served.dataset_source if served else None,
             "serving_since": served.since if served else None,
@@ -481,7 +528,12 @@ def create_app(server: ModelServer) -> Any:
         served = server.served
         if served is None:
             return answer(503, {"status": "loading"})
-        return answer(200, {"status": "ready", "model_version": served.version})
+        unverified = server.unverified
+        if unverified is None:
+            return answer(200, {"status": "ready", "model_version": served.version})
+        return answer(200, {"status": "ready", "model_version": served.version, "alias_target": unverified[0],
+                            "mismatch": f"{server.cfg.alias} names v{unverified[0]}, whose approval does not "
+                                        f"verify: {unverified[1]}"})
 
     async def info(request: Request) -> Response:
         return answer(200, server.info())
@@ -508,7 +560,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(cfg: ServeConfig, tracking_uri: str, model_name: str) -> None:
+def serve(cfg: ServeConfig, tracking_uri: str, model_name: str, keyring: str | None = None) -> None:
     """Loads the alias's version, binds, prints the URL once it answers, and serves until SIGTERM/Ctrl-C."""
     import torch
     import uvicorn
@@ -521,7 +573,7 @@ def serve(cfg: ServeConfig, tracking_uri: str, model_name: str) -> None:
         torch.set_num_interop_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    server = ModelServer(cfg, tracking_uri, model_name, url="")
+    server = ModelServer(cfg, tracking_uri, model_name, url="", keyring=keyring)
     server.served = server.load_alias()
     sock = bind(cfg.host, cfg.port)
     # a wildcard address is no place to send requests to: records and /info name the machine

@@ -4,7 +4,9 @@
     mlops up --backend-store postgresql://... --artifacts s3://bucket/prefix [--host H --auth]
     mlops db upgrade [URL]                     create or migrate MLflow's database schema
     mlops models list|show|history|approve|reject|promote|rollback
+    mlops keys show|rotate|export-public       the approval signing key and the keyring
     mlops data contract init|diff|update       the data contract in git (gx/expectations/<name>.json)
+    mlops data-remote pull NAME VERSION        dvc pull the data a model version was trained on (data_remote settings)
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from ml.errors import ConfigError, cli_errors
 
 
 # Command groups that live beside the code they drive; each module has add_parser(subparsers).
-COMMAND_MODULES: tuple[str, ...] = ("mlops.cli_serve", "mlops.cli_lineage", "mlops.cli_checkpoints",
-                                  "mlops.cli_data")
+COMMAND_MODULES: tuple[str, ...] = ("mlops.cli_serve", "mlops.cli_lineage", "mlops.cli_checkpoints", "mlops.cli_runs",
+                                  "mlops.cli_keys", "mlops.cli_data", "mlops.cli_data_remote")
 
 
 def tracking_uri(args: argparse.Namespace) -> str:
@@ -97,7 +99,8 @@ def print_record(record: Any, as_json: bool) -> None:
     for event in record.history:
         flag = " (self-approval)" if event.get("self_approval") else ""
         via = f" via {event['via']}" if event.get("via", "cli") != "cli" else ""
-        print(f"  {event['at']}  {event['from_status']} -> {event['to_status']} by {event['by']}{flag}{via}: "
+        signed = f" [signed, key {event['key_id']}]" if event.get("key_id") else ""
+        print(f"  {event['at']}  {event['from_status']} -> {event['to_status']} by {event['by']}{flag}{via}{signed}: "
               f"{event['reason']}")
 
 
@@ -110,7 +113,7 @@ def list_line(record: Any) -> str:
 
 def cmd_models(args: argparse.Namespace) -> None:
     """The registry commands; changes go through registry.actions, which authorizes them first."""
-    from registry import actions, store
+    from registry import actions, gate, store
     from registry.auth import denied_as_error
 
     uri = tracking_uri(args)
@@ -127,20 +130,29 @@ def cmd_models(args: argparse.Namespace) -> None:
     else:
         client = client_for(args)
         with denied_as_error(what):
-            if args.action == "list":
+            if args.action == "list":  # signatures checked; weights by show, serve and promotion
                 names = [args.name] if args.name else [m.name for m in client.search_registered_models()]
-                records = [r for name in names for r in store.list_versions(client, name)]
+                checked = [gate.list_findings(client, name) for name in names]
                 if args.json:
-                    print(json.dumps([r.to_dict() for r in records], indent=2))
+                    print(json.dumps([{**r.to_dict(), "verification": gate.verdict_dict(verdicts[r.version])}
+                                      for records, verdicts, _ in checked for r in records], indent=2))
                     return
-                for record in records:
-                    print(list_line(record))
+                for name, (records, verdicts, findings) in zip(names, checked, strict=True):
+                    for record in records:
+                        print(list_line(record) + gate.flag(verdicts[record.version]))
+                    for finding in findings:
+                        if finding.alias:
+                            print(finding.line(name))
                 return
             record = store.get_version(client, args.name, args.version)
+            verdict = store.verify_version(client, record) if args.action == "show" else None
         if args.action == "history":
             print(json.dumps(list(record.history), indent=2))
+        elif args.json:
+            print(json.dumps({**record.to_dict(), "verification": gate.verdict_dict(verdict)}, indent=2))
         else:
-            print_record(record, args.json)
+            print_record(record, False)
+            print("\n".join(gate.show_lines(record.name, record, verdict)))
 
 
 def server_store(args: argparse.Namespace) -> tuple[str, str]:
@@ -195,6 +207,8 @@ def cmd_up(args: argparse.Namespace) -> None:
         print(f"  store:     {services.describe_database(uri)}")
         proxied = services.is_remote_uri(artifacts) or not services.is_loopback(host)
         print(f"  artifacts: {artifacts}" + (" (proxied: clients need no storage credentials)" if proxied else ""))
+        if auth:
+            procs.extend(start_approval_service(services, host, port, logs))
         if not args.no_prefect:
             env = services.prefect_env(args.prefect_port)
             procs.append(services.start_prefect(args.prefect_port, log=logs / "prefect-server.log"))

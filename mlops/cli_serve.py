@@ -18,6 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", help="endpoint name in deployment records (default: serve.endpoint)")
     p.add_argument("--poll-interval", type=float, dest="poll_interval_s", metavar="SECONDS",
                    help="seconds between checks of the alias (default: serve.poll_interval_s)")
+    p.add_argument("--keyring", metavar="FILE", help="public keys that verify approvals (default: "
+                                                     "$MLOPS_APPROVAL_KEYRING, else the user's mlops-pipeline config dir)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -32,4 +34,4 @@ def cmd_serve(args: argparse.Namespace) -> None:
                  if getattr(args, key) is not None}
     cfg = build_section(ServeConfig, "serve", {**settings(args).serve.model_dump(), **overrides})
     check_endpoint_name(cfg.endpoint)
-    serve(cfg, tracking_uri(args), args.name or load_params(args.params).register.model_name)
+    serve(cfg, tracking_uri(args), args.name or load_params(args.params).register.model_name, keyring=args.keyring)
