@@ -13,6 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from ml.data.contract import ContractError
 from ml.data.prepare import load_split
 from ml.errors import QualityGateFailed
 from ml.model.architectures import MLP, ModelSpec
@@ -140,8 +141,13 @@ def test_challenger_is_compared_with_the_champion_on_the_same_test_set(project):
     assert tags["registered_version"] == f"{MODEL}/{summary['version']}" and "register_refused" not in tags
     assert store.champion(client, MODEL).version == champion_version
 
-    # A champion trained on other features cannot score this test set: recorded, not fatal.
+    # A champion trained on other features cannot score this test set: refused, unless the break is
+    # declared (register.allow_breaking_change), then registered as incomparable for the approver.
     other = register_champion(project, constant_model(10))
+    with pytest.raises(ContractError, match=f"^champion {MODEL} v{other} cannot score the test split of "):
+        register("params.yaml")
+    assert client.get_run(run_id).data.tags["register_refused"].startswith(f"champion {MODEL} v{other} cannot")
+    write_params(project, small_params(register={"min_test_accuracy": 0.5, "allow_breaking_change": True}))
     summary = register("params.yaml")
     assert summary["champion_gate"]["verdict"] == "incomparable"
     assert summary["champion_gate"]["champion_version"] == other
