@@ -1,9 +1,10 @@
 """The serving endpoint: ``models:/<name>@<alias>`` over HTTP, following the alias as it moves.
 
 ``POST /predict`` takes ``{"inputs": [[...], ...]}`` (or MLflow's ``instances``, ``dataframe_split``,
-``dataframe_records``), checks it against the model's signature without pandas and answers class
-indices and probabilities. ``GET /health`` is ready once a model is loaded; ``GET /info`` tells which
-version is served, from which run and dataset, since when. A background task polls the alias; when
+``dataframe_records``), checks it against the model's signature without pandas (named columns against
+the feature names of the version's data contract) and answers class indices, their labels from the
+contract's class list, and probabilities. ``GET /health`` is ready once a model is loaded;
+``GET /info`` tells which version is served, from which run and dataset, since when. A background task polls the alias; when
 a promotion or rollback moves it, the new version is loaded whole and then swapped in with one
 reference assignment, so a request in flight finishes on the model it started with.
 Every start, switch and stop is a deployment record (:mod:`deploy.records`) and a tag
@@ -129,19 +130,33 @@ def parse_inputs(body: bytes, spec: InputSpec) -> np.ndarray:
                                f'expected {{"inputs": [...]}} with {spec.describe()}')
         if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
             raise InvalidInput("dataframe_records: expected a list of objects mapping column to value")
+        check_columns([c for r in value for c in r], spec, key)
         missing = next((c for r in value for c in spec.columns if c not in r), None)
         if missing is not None:
-            raise InvalidInput(f"dataframe_records: column {missing!r} missing; expected {spec.describe()}")
+            raise InvalidInput(f"dataframe_records: column {missing!r} missing in a record; expected {spec.describe()}")
         return _to_matrix([[r[c] for c in spec.columns] for r in value], spec, key)
     if isinstance(value, dict) and spec.columns:  # {"inputs": {"column": [values...]}}
-        missing = next((c for c in spec.columns if c not in value), None)
-        if missing is not None:
-            raise InvalidInput(f"{key}: column {missing!r} missing; expected {spec.describe()}")
+        check_columns(list(value), spec, key)
         columns = [value[c] for c in spec.columns]
         if not all(isinstance(c, list) for c in columns):
             raise InvalidInput(f"{key}: expected each column to be a list of numbers")
         return _to_matrix([list(r) for r in zip(*columns, strict=False)], spec, key)
     return _to_matrix(value, spec, key)
+
+
+def check_columns(names: list[Any], spec: InputSpec, key: str) -> None:
+    """Column names a request gives against the served version's feature names (from its data
+    contract or its signature): unknown and missing ones are named in the 422."""
+    given = list(dict.fromkeys(names))
+    unknown = [str(c) for c in given if c not in spec.columns]
+    missing = [c for c in spec.columns if c not in given]
+
+    def named(columns: list[str]) -> str:
+        return ("column " if len(columns) == 1 else "columns ") + ", ".join(map(repr, columns[:10]))
+
+    if unknown or missing:
+        parts = ([f"unknown {named(unknown)}"] if unknown else []) + ([f"{named(missing)} missing"] if missing else [])
+        raise InvalidInput(f"{key}: {'; '.join(parts)}; expected {spec.describe()}")
 
 
 def _reorder(rows: Any, columns: Any, spec: InputSpec, key: str) -> Any:
@@ -153,10 +168,8 @@ def _reorder(rows: Any, columns: Any, spec: InputSpec, key: str) -> Any:
         if len(columns) != spec.width:
             raise InvalidInput(f"{key}: expected {spec.width} columns, got {len(columns)}")
         return rows
+    check_columns(columns, spec, key)
     index = {c: i for i, c in enumerate(columns)}
-    missing = next((c for c in spec.columns if c not in index), None)
-    if missing is not None:
-        raise InvalidInput(f"{key}: column {missing!r} missing; expected {spec.describe()}")
     if list(spec.columns) == columns:
         return rows
     order = [index[c] for c in spec.columns]
@@ -201,6 +214,7 @@ class ServedModel:
     spec: InputSpec
     since: str = ""
     approval: str = ""  # who signed the approval that let it be served
+    labels: tuple[str, ...] | None = None  # class names by output index, from the version's data contract
 
     @property
     def uri(self) -> str:
@@ -252,14 +266,20 @@ def load_version(client: Any, tracking_uri: str, name: str, version: str,
         if not verdict.approved:
             raise UnverifiedVersion(record.version, verdict.why or f"its signed status is {verdict.status}")
         spec = InputSpec.from_signature(Model.load(local).signature, f"{name} v{version}")
+    contract = json.loads(record.tags["input_signature"]) if "input_signature" in record.tags else {}
+    inputs = [name for name, _ in contract.get("inputs", [])]
+    if spec.columns is None and len(inputs) == spec.width:
+        spec = replace(spec, columns=tuple(inputs))
         module = mlflow.pytorch.load_model(local)
     module = inference_model(module, spec.width)
     with torch.inference_mode():  # the first call pays for lazy initialization, not a request
         out = module(torch.zeros(2, spec.width))
     if out.ndim != 2:
         raise RegistryError(f"{name} v{version}: model output has shape {list(out.shape)}; expected [rows, classes]")
+    labels = tuple(contract.get("classes", ()))
     return ServedModel(name, record.version, record.run_id, verdict.status, record.tags.get("dataset_md5"),
-                       record.tags.get("dataset_source"), module, spec, approval=verdict.line())
+                       record.tags.get("dataset_source"), module, spec, approval=verdict.line(),
+                       labels=labels if len(labels) == out.shape[1] else None)
 
 
 class ModelServer:
@@ -457,6 +477,7 @@ class ModelServer:
             "serving_since": served.since if served else None,
             "input": ({"width": served.spec.width, "dtype": served.spec.dtype, "columns": served.spec.columns}
                       if served else None),
+            "classes": served.labels if served else None,
         }
 
 
@@ -521,7 +542,8 @@ def create_app(server: ModelServer) -> Any:
         except InvalidInput as exc:
             return answer(422, {"error": str(exc)})
         classes, probabilities = served.predict(x)
-        return answer(200, {"predictions": classes, "probabilities": probabilities,
+        labels = [served.labels[i] for i in classes.tolist()] if served.labels else None
+        return answer(200, {"predictions": classes, "labels": labels, "probabilities": probabilities,
                             "model_name": served.name, "model_version": served.version})
 
     async def health(request: Request) -> Response:

@@ -79,7 +79,8 @@ def level(psi_value: float, ks_pvalue: float | None, thresholds: DriftThresholds
 def measure_drift(table: pd.DataFrame, labels: pd.Series, reference: dict[str, Any], thresholds: DriftThresholds,
                   *, reference_table: pd.DataFrame | None = None, source: str = "contract") -> dict[str, Any]:
     """Drift of ``table`` (numeric features) and ``labels`` (class names) from ``reference``
-    (:func:`reference_statistics`); with ``reference_table`` the KS test uses its full columns."""
+    (:func:`reference_statistics`); with ``reference_table`` the KS test uses its full columns.
+    ``failed`` and ``warned`` list the features (and ``label``) at those levels, when there are any."""
     from scipy.stats import ks_2samp
 
     rows = []
@@ -104,10 +105,13 @@ def measure_drift(table: pd.DataFrame, labels: pd.Series, reference: dict[str, A
     label = {"psi": round(label_psi, 6), "level": level(label_psi, None, thresholds), "classes": classes,
              "reference_shares": list(reference["labels"].values()), "current_shares": _round(label_current)}
     worst = max([r["level"] for r in rows] + [label["level"]], key=LEVELS.index)
-    return {"reference": source, "level": worst, "rows": int(len(table)), "thresholds": thresholds.__dict__,
-            "features": sorted(rows, key=lambda r: -r["psi"]), "label": label,
-            "failed": [r["feature"] for r in rows if r["level"] == FAIL] + (["label"] if label["level"] == FAIL else []),
-            "warned": [r["feature"] for r in rows if r["level"] == WARN] + (["label"] if label["level"] == WARN else [])}
+    report = {"reference": source, "level": worst, "rows": int(len(table)), "thresholds": thresholds.__dict__,
+              "features": sorted(rows, key=lambda r: -r["psi"]), "label": label}
+    for key, at in (("failed", FAIL), ("warned", WARN)):
+        names = [r["feature"] for r in rows if r["level"] == at] + (["label"] if label["level"] == at else [])
+        if names:  # present only when not empty: `dvc plots` reads the first list of objects, an empty list breaks it
+            report[key] = names
+    return report
 
 
 def summary_line(report: dict[str, Any]) -> str:

@@ -200,14 +200,14 @@ def validate(processed_dir: str | Path, contract: Contract, report_path: str | P
             reference = reference_statistics(ref_table, ref_labels, contract.spec.classes)
         measured = measure_drift(table, labels, reference, drift, reference_table=ref_table, source=drift_source)
         report["drift"] = {"level": measured["level"], "summary": summary_line(measured),
-                           "failed": measured["failed"], "warned": measured["warned"]}
+                           "failed": measured.get("failed", []), "warned": measured.get("warned", [])}
         if drift_report is not None:
             atomic_write_json(drift_report, measured)
         if drift_plot is not None:
             plot_drift(measured, drift_plot)
         if measured["level"] == FAIL:
             report["success"] = False
-            problems.append(f"  {summary_line(measured)}; failed: {', '.join(measured['failed'][:10])}")
+            problems.append(f"  {summary_line(measured)}; failed: {', '.join(measured.get('failed', [])[:10])}")
     atomic_write_json(report_path, report)
     failures = format_failures(report)
     if failures or problems:

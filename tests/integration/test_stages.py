@@ -47,22 +47,29 @@ def test_stages_register_a_pending_version_with_lineage(project):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/confusion_matrix.png", "evaluation/predictions.csv"} <= artifacts
     assert client.list_artifacts(run.info.run_id, "data")[0].path == "data/validation.json"
+    validate_run = client.search_runs([run.info.experiment_id], "tags.stage = 'validate'")[0]
+    validated = {a.path for a in client.list_artifacts(validate_run.info.run_id, "data")}
+    assert {"data/validation.json", "data/drift.json", "data/drift.png", "data/contract"} <= validated
+    assert version.tags["contract_digest"] == validate_run.data.tags["contract_digest"]
+    assert json.loads(version.tags["input_signature"])["classes"] == [str(i) for i in range(10)]
     assert not client.get_registered_model("digits-classifier").aliases
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert len(metrics["confusion_matrix"]) == 10 and set(metrics["per_class"]) == {str(i) for i in range(10)}
 
 
 def assert_one_line_error(done, fragment):
+    """One ``error:`` line naming the problem (a gate failure lists the broken expectations below it)."""
     assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and fragment in lines[-1], done.stderr[-2000:]
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error: ")]
+    assert fragment in line, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("case, fragment", [
     ("missing raw file", "raw file missing.csv not found"),
     ("csv without label column", "label column 'label' not found"),
-    ("non-numeric feature", "feature column 'f2' is not numeric"),
+    ("non-numeric feature", "x.csv breaks the data contract"),
+    ("header only", "no data rows in x.csv"),
     ("unknown params key", "train.learning_rate: unknown key"),
     ("negative learning rate", "train.lr: expected AdamW learning rate, > 0, got -0.1"),
 ])
@@ -73,6 +80,9 @@ def test_bad_input_stops_with_one_line_and_registers_nothing(project, case, frag
         params["data"]["source"] = "x.csv"
     elif case == "non-numeric feature":
         pd.DataFrame({"f1": range(30), "f2": ["a"] * 30, "label": [0, 1, 2] * 10}).to_csv(project / "x.csv", index=False)
+        params["data"]["source"] = "x.csv"
+    elif case == "header only":
+        (project / "x.csv").write_text("f1,f2,label\n")
         params["data"]["source"] = "x.csv"
     elif case == "missing raw file":
         params["data"]["source"] = "missing.csv"

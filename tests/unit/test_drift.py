@@ -39,7 +39,7 @@ def test_a_resample_does_not_drift_and_a_shift_fails():
     reference = reference_of(animals(400, seed=0))  # PSI over 10 bins is noisy below a few hundred rows
     same = animals(400, seed=1)
     report = measure_drift(same[FEATURES], same["species"], reference, DriftThresholds())
-    assert report["level"] == OK and report["failed"] == [] and report["warned"] == []
+    assert report["level"] == OK and "failed" not in report and "warned" not in report
     assert {r["feature"] for r in report["features"]} == set(FEATURES)
 
     shifted = animals(400, seed=1).assign(weight=lambda f: f.weight + 8)
