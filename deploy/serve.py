@@ -44,6 +44,7 @@ import numpy as np
 from deploy.records import DeploymentRecord, append_record, check_endpoint_name, utc_now
 from ml.settings import ServeConfig
 from ml.errors import ConfigError, RegistryError
+from registry.releases import ReleaseMismatch, check_release_weights
 from registry.signing import Keyring, directory_digest, verify_tags
 
 try:
@@ -242,7 +243,9 @@ def public_uri(uri: str) -> str:
 def load_version(client: Any, tracking_uri: str, name: str, version: str,
                  keyring: Keyring | None = None) -> ServedModel:
     """Downloads and loads one model version completely, checked against its signature; raises
-    :class:`UnverifiedVersion` unless its signed approval verifies over the files downloaded."""
+    :class:`UnverifiedVersion` unless its signed approval verifies over the files downloaded, and
+    :class:`registry.releases.ReleaseMismatch` when the version names a production release whose
+    weights digest is not that of the weights loaded."""
     import mlflow.artifacts
     import mlflow.pytorch
     import torch
@@ -266,11 +269,12 @@ def load_version(client: Any, tracking_uri: str, name: str, version: str,
         if not verdict.approved:
             raise UnverifiedVersion(record.version, verdict.why or f"its signed status is {verdict.status}")
         spec = InputSpec.from_signature(Model.load(local).signature, f"{name} v{version}")
+        module = mlflow.pytorch.load_model(local)
+    check_release_weights(name, record.version, record.tags, module.state_dict())  # refuses: ReleaseMismatch
     contract = json.loads(record.tags["input_signature"]) if "input_signature" in record.tags else {}
     inputs = [name for name, _ in contract.get("inputs", [])]
     if spec.columns is None and len(inputs) == spec.width:
         spec = replace(spec, columns=tuple(inputs))
-        module = mlflow.pytorch.load_model(local)
     module = inference_model(module, spec.width)
     with torch.inference_mode():  # the first call pays for lazy initialization, not a request
         out = module(torch.zeros(2, spec.width))
@@ -359,6 +363,8 @@ class ModelServer:
             raise RegistryError(f"{self.model_name}@{self.cfg.alias} names v{exc.version}, whose approval does not "
                                 f"verify: {exc.why}; nothing served (approve it with `mlops models approve`, "
                                 f"or move {self.cfg.alias} back)") from None
+        except ReleaseMismatch as exc:
+            raise RegistryError(f"{self.model_name}@{self.cfg.alias}: {exc}; nothing served") from None
 
     def record(self, event: str, served: ServedModel) -> None:
         append_record(self.cfg.records_dir, DeploymentRecord(

@@ -11,8 +11,9 @@ flow names every version whose tags claim a decision the signature does not prov
 version whose approval does not verify ("champion set outside the gate"), and with
 ``promotion.revert_unverified_alias`` it moves that alias back to the last verified holder,
 recording that it did in the alias history. Approved: the flow moves ``promotion.alias`` to the
-version through :mod:`registry.actions`, which verifies the weights against the signed record and
-records the previous holder (rollback is one command).
+version through :mod:`registry.actions`, which verifies the weights against the signed record,
+publishes the version's production release (:mod:`registry.releases`) and records the previous
+holder (rollback is one command).
 Rejected: it ends without touching the alias. No decision within ``promotion.timeout_s``: it ends,
 leaving the version pending; ``mlops models promote`` still works later.
 
@@ -63,11 +64,12 @@ def wait_for_decision(read: Callable[[], Any], timeout_s: float, poll_interval_s
         sleep(min(poll_interval_s, remaining))
 
 
-def _promote(tracking_uri: str, name: str, version: str, alias: str, flow_run_id: str | None) -> dict[str, Any]:
+def _promote(tracking_uri: str, name: str, version: str, alias: str, flow_run_id: str | None,
+             checkpoint: Any = None) -> dict[str, Any]:
     note = {"via": "promotion flow", **({"flow_run_id": flow_run_id} if flow_run_id else {})}
-    record = actions.promote_version(tracking_uri, name, version, alias, note=note)
+    record = actions.promote_version(tracking_uri, name, version, alias, note=note, checkpoint=checkpoint)
     last = store.alias_history(actions.registry_client(tracking_uri), name, alias)[-1]
-    return {"previous": last["previous"], "aliases": list(record.aliases)}
+    return {"previous": last["previous"], "aliases": list(record.aliases), "release": last.get("release")}
 
 
 promote_task = task(_promote, name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
@@ -112,7 +114,8 @@ def promotion(model_name: str, version: str, settings_path: str | None = None,
 
     Returns a Completed state named Promoted, Rejected or TimedOut whose result is a dict with
     ``outcome``, ``model_name``, ``version``, ``status`` (the signed decision), ``alias``,
-    ``previous`` (the version the alias pointed at before, when promoted), ``outside_gate`` (lines
+    ``previous`` (the version the alias pointed at before, when promoted), ``release`` (the production
+    release the promoted version is live as, see :mod:`registry.releases`), ``outside_gate`` (lines
     naming what was set by hand) and ``reverted`` (the alias history entry when the alias was moved
     back, else None). ``settings_path``: the runtime settings file
     (default: settings.yaml of the working directory, or $MLOPS_SETTINGS).
@@ -140,11 +143,13 @@ def promotion(model_name: str, version: str, settings_path: str | None = None,
         return Completed(name=REJECTED_OUTCOME, message=message,
                          data={**result, "outcome": REJECTED_OUTCOME, "status": record.status})
     run_id = str(flow_run.id) if flow_run.id else None
-    promoted = promote_task(uri, model_name, version, cfg.alias, run_id)
+    promoted = promote_task(uri, model_name, version, cfg.alias, run_id, settings.checkpoint)
     previous = f" (was v{promoted['previous']})" if promoted["previous"] else ""
-    message = f"{model_name} v{version} approved{_signed(last['verdict'])}; now {cfg.alias}{previous}"
+    release = f", release {promoted['release']}" if promoted["release"] else ""
+    message = f"{model_name} v{version} approved{_signed(last['verdict'])}; now {cfg.alias}{release}{previous}"
     return Completed(name=PROMOTED, message=message,
-                     data={**result, "outcome": PROMOTED, "status": record.status, "previous": promoted["previous"]})
+                     data={**result, "outcome": PROMOTED, "status": record.status, "previous": promoted["previous"],
+                           "release": promoted["release"]})
 
 
 def start_promotion(model_name: str, version: str, settings_path: str | None = None,

@@ -95,6 +95,9 @@ def print_record(record: Any, as_json: bool) -> None:
             print(f"  {key}: {record.tags[key]}")
     if record.tags.get("champion_gate"):
         print(f"  {champion_comparison(record.tags)}")
+    if "release_version" in record.tags:
+        print(f"  release: {record.tags['release_version']} at {record.tags.get('release_location', '?')} "
+              f"(model.safetensors sha256 {record.tags.get('release_sha256', '?')})")
     print_contract(record.tags)
     for event in record.history:
         flag = " (self-approval)" if event.get("self_approval") else ""
@@ -124,9 +127,11 @@ def cmd_models(args: argparse.Namespace) -> None:
     elif args.action == "reject":
         print_record(actions.reject_version(uri, args.name, args.version, args.reason, args.approver), args.json)
     elif args.action == "promote":
-        print_record(actions.promote_version(uri, args.name, args.version, args.alias), args.json)
+        print_record(actions.promote_version(uri, args.name, args.version, args.alias,
+                                             checkpoint=settings(args).checkpoint), args.json)
     elif args.action == "rollback":
-        print_record(actions.rollback_alias(uri, args.name, args.alias), args.json)
+        print_record(actions.rollback_alias(uri, args.name, args.alias, checkpoint=settings(args).checkpoint),
+                     args.json)
     else:
         client = client_for(args)
         with denied_as_error(what):

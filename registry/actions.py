@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from ml.errors import RegistryError
-from registry import gate, store
+from registry import gate, releases, store
 from registry.approval import APPROVED, CHAMPION, REJECTED, VIA_CLI
 from registry.auth import check_can_manage, denied_as_error, server_identity
 from registry.service import SERVICE_ENV, request_decision
@@ -99,22 +99,39 @@ def reject_version(tracking_uri: str, name: str, version: str | int, reason: str
 
 
 def promote_version(tracking_uri: str, name: str, version: str | int, alias: str = CHAMPION,
-                    note: dict[str, str] | None = None) -> VersionRecord:
-    """Points ``alias`` at an Approved version, recording the version it replaces."""
+                    note: dict[str, str] | None = None, checkpoint: Any = None) -> VersionRecord:
+    """Points ``alias`` at an Approved version, recording the version it replaces. A version taking
+    the champion alias gets its production release first (:func:`registry.releases.publish_release`,
+    under ``checkpoint``, the checkpoint settings; default: those of the runtime settings), and the
+    alias history entry names the release."""
     what = f"promote {name} v{version}"
     client = registry_client(tracking_uri)
     with denied_as_error(what):
         by, _ = acting_user(tracking_uri, client, name, version, what)
-        return store.promote(client, name, version, by, alias, note=note)
+        return store.promote(client, name, version, by, alias, note=_with_release(client, name, version, alias,
+                                                                                   checkpoint, note))
 
 
-def rollback_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> VersionRecord:
-    """Gives ``alias`` back to the version it had before its last promotion."""
+def rollback_alias(tracking_uri: str, name: str, alias: str = CHAMPION, checkpoint: Any = None) -> VersionRecord:
+    """Gives ``alias`` back to the version it had before its last promotion; the alias history
+    entry records the rollback and which release is live again."""
     what = f"rollback {name}"
     client = registry_client(tracking_uri)
     with denied_as_error(what):
         by, _ = acting_user(tracking_uri, client, name, None, what)
-        return store.rollback(client, name, by, alias)
+        target = store.rollback_target(client, name, alias)
+        return store.promote(client, name, target, by, alias,
+                             note=_with_release(client, name, target, alias, checkpoint, {"via": "rollback"}))
+
+
+def _with_release(client: Any, name: str, version: str | int, alias: str, checkpoint: Any,
+                  note: dict[str, str] | None) -> dict[str, str] | None:
+    """``note`` plus the release of the version about to take ``alias``, published when it has none."""
+    import logging
+
+    release, line = releases.publish_release(client, name, version, checkpoint, alias)
+    logging.getLogger(__name__).info(line)
+    return {**(note or {}), "release": release.version} if release is not None else note
 
 
 def read_verified(tracking_uri: str, name: str, version: str | int,

@@ -217,7 +217,11 @@ def alias_history(client: Any, name: str, alias: str = CHAMPION) -> list[dict]:
 
 def check_verified(client: Any, record: VersionRecord, alias: str, keyring: Keyring | None = None) -> None:
     """Raises unless ``record``'s signed Approved decision verifies, weights and author included."""
-    verdict = verify_version(client, record, keyring)
+    raise_unless_approved(record, verify_version(client, record, keyring), alias)
+
+
+def raise_unless_approved(record: VersionRecord, verdict: Verdict, alias: str) -> None:
+    """Raises, saying why, unless ``verdict`` proves a signed Approved decision on ``record``."""
     if verdict.approved:
         return
     try:
@@ -245,8 +249,14 @@ def promote(client: Any, name: str, version: str | int, by: str, alias: str = CH
     return get_version(client, name, record.version)
 
 
-def rollback(client: Any, name: str, by: str, alias: str = CHAMPION) -> VersionRecord:
+def rollback(client: Any, name: str, by: str, alias: str = CHAMPION,
+             note: dict[str, str] | None = None) -> VersionRecord:
     """Gives ``alias`` back to the version it had before the last promotion."""
+    return promote(client, name, rollback_target(client, name, alias), by, alias, note=note)
+
+
+def rollback_target(client: Any, name: str, alias: str = CHAMPION) -> str:
+    """The version a rollback of ``alias`` gives it back to: the one it had before its holder's promotion."""
     current = champion(client, name, alias)
     if current is None:
         raise RegistryError(f"model {name!r} has no {alias}; nothing to roll back")
@@ -254,4 +264,4 @@ def rollback(client: Any, name: str, by: str, alias: str = CHAMPION) -> VersionR
                      if h["version"] == current.version and h["previous"]), None)
     if previous is None:
         raise RegistryError(f"model {name!r}: no earlier {alias} recorded before version {current.version}")
-    return promote(client, name, previous, by, alias)
+    return previous
