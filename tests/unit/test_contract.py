@@ -185,3 +185,22 @@ def test_cli_init_diff_update(animal_project, capsys):
     animals().to_csv(animal_project / "v3.csv", index=False)
     run_cli("data", "contract", "update", "v3.csv", "--yes")
     assert load_contract(path).spec.features[0].max == 500.0  # an update never narrows a range
+
+
+def test_lineage_reaches_the_contract_a_version_was_trained_under():
+    from lineage.graph import Lineage, Node, add_contract
+    from lineage.render import render
+    from registry.store import VersionRecord
+
+    tags = {"contract_path": "gx/expectations/digits.json", "contract_version": "2", "contract_digest": "sha256:ab12",
+            "contract_artifact": "runs:/r1/contract/digits.json"}
+    graph = Lineage()
+    version_id = graph.add(Node("version:m/3", "model_version", "m v3"))
+    add_contract(graph, VersionRecord("m", "3", "Approved", "r1", "models:/m/3", (), tags), version_id)
+    node = graph.nodes["contract:sha256:ab12"]
+    assert node.kind == "contract" and node.attrs["artifact"] == "runs:/r1/contract/digits.json"
+    assert [(e.source, e.target, e.relation) for e in graph.edges] == [(version_id, node.id, "trained under")]
+    assert "data contract gx/expectations/digits.json v2" in render(graph, "text")
+    untagged = Lineage()
+    add_contract(untagged, VersionRecord("m", "1", "Approved", "r0", "models:/m/1", (), {}), "version:m/1")
+    assert untagged.nodes == {}
