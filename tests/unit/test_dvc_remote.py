@@ -4,6 +4,7 @@ the same against S3 on loopback, with the training flow)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def trained(tmp_path) -> tuple[Path, str, str]:
 
 def test_settings_accept_s3_or_a_directory_and_nothing_else(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in [n for n in __import__("os").environ if n.upper().startswith("MLOPS_")]:
+    for name in [n for n in os.environ if n.upper().startswith("MLOPS_")]:
         monkeypatch.delenv(name)
     assert load_settings().data_remote == DataRemoteConfig(url=None, name="storage", endpoint_url=None)
     monkeypatch.setenv("MLOPS_DATA_REMOTE__URL", "s3://team-data/dvc")
