@@ -13,7 +13,8 @@ Links followed, as the pipeline records them:
   input (digest = DVC md5), on the run or its nearest ancestor.
 
 A model version shows who signed its approval (checked against the keyring, see
-:mod:`registry.signing`), or why the decision its tags claim does not verify.
+:mod:`registry.signing`), or why the decision its tags claim does not verify, and the production
+release it was published as when promoted (:mod:`registry.releases`).
 
 A link that is not recorded, or points at something deleted, becomes a node marked missing, so a
 partial lineage is still shown. Results are a :class:`Lineage` graph; :mod:`lineage.render`
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import RegistryError
+from registry.approval import CHAMPION
+from registry.releases import release_of
 from registry.signing import Keyring, verify_tags
 from registry.store import VersionRecord, get_version, is_not_found
 
@@ -256,6 +259,21 @@ def add_contract(graph: Lineage, record: Any, version_id: str) -> None:
     graph.link(version_id, graph.add(node), "trained under")
 
 
+def add_release(graph: Lineage, record: Any, version_id: str) -> None:
+    """The production release a version was published as (tags set at promotion), when it has one;
+    ``live`` when the version holds the champion alias."""
+    release = release_of(record.name, record.version, record.tags)
+    if release is None:
+        return
+    live = CHAMPION in record.aliases
+    node = Node(f"release:{record.name}/{release.version}", "release",
+                f"production release {release.version}{f' (live as {CHAMPION})' if live else ''}",
+                {"release": release.version, "sha256": release.sha256, "weights_sha256": release.weights_sha256,
+                 "location": release.location, "live": live},
+                [f"model.safetensors sha256: {release.sha256}", f"location: {release.location or 'not recorded'}"])
+    graph.link(version_id, graph.add(node), "released as")
+
+
 def add_version(graph: Lineage, client: Any, name: str, version: str, source: str, relation: str,
                 run_id_hint: str | None) -> None:
     """A version linked from ``source``, then its run chain. When the registry no longer has the
@@ -270,6 +288,7 @@ def add_version(graph: Lineage, client: Any, name: str, version: str, source: st
     version_id = graph.add(version_node(record))
     graph.link(source, version_id, relation)
     add_contract(graph, record, version_id)
+    add_release(graph, record, version_id)
     add_run_chain(graph, client, record.run_id or run_id_hint, version_id, "trained by")
 
 
@@ -323,6 +342,7 @@ def lineage_of_model_version(client: Any, records_dir: str | Path, name: str, ve
     record = get_version(client, name, version)
     version_id = graph.add(version_node(record))
     add_contract(graph, record, version_id)
+    add_release(graph, record, version_id)
     add_run_chain(graph, client, record.run_id, version_id, "trained by")
     _served_by(graph, _records(records_dir), {(record.name, record.version): version_id})
     return graph
@@ -377,6 +397,7 @@ def lineage_of_dataset(client: Any, records_dir: str | Path, md5: str) -> Lineag
         record = get_version(client, mv.name, mv.version)
         version_id = graph.add(version_node(record))
         version_ids[(record.name, record.version)] = version_id
+        add_release(graph, record, version_id)
         source = f"run:{record.run_id}" if f"run:{record.run_id}" in graph.nodes else root
         graph.link(source, version_id, "registered as")
     _served_by(graph, _records(records_dir), version_ids)

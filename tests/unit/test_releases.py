@@ -289,3 +289,24 @@ def test_the_endpoint_refuses_weights_that_are_not_the_release(registry, tmp_pat
         server.load_alias()
     assert str(refused.value) == f"{MODEL}@champion: {exc.value}; nothing served"
     assert server.served is None and not (tmp_path / "deployments").exists()
+
+
+def test_lineage_shows_the_release_and_whether_it_is_live(registry, tmp_path):
+    from lineage.graph import lineage_of_dataset, lineage_of_model_version
+    from lineage.render import render
+    from registry import actions
+
+    uri, client, checkpoint = registry
+    actions.promote_version(uri, MODEL, "1", checkpoint=checkpoint)
+    actions.promote_version(uri, MODEL, "2", checkpoint=checkpoint)
+    records = tmp_path / "deployments"
+    graph = lineage_of_model_version(client, records, MODEL, "2")
+    (release,) = graph.of_kind("release")
+    assert (release.attrs["release"], release.attrs["live"]) == ("1.1.0", True)
+    assert release.attrs["sha256"] == client.get_model_version(MODEL, "2").tags[RELEASE_SHA256_TAG]
+    text = render(graph, "text")
+    assert "released as: production release 1.1.0 (live as champion)" in text
+    assert f"model.safetensors sha256: {release.attrs['sha256']}" in text
+    earlier = lineage_of_dataset(client, records, "md5-0.dir")
+    assert [(n.label, n.attrs["live"]) for n in earlier.of_kind("release")] == [("production release 1.0.0", False)]
+    assert not lineage_of_model_version(client, records, MODEL, "3").of_kind("release")  # never promoted
