@@ -62,10 +62,12 @@ def remote_url(cfg: DataRemoteConfig, cwd: str | Path = ".") -> str:
 def check_remote(cfg: DataRemoteConfig, cwd: str | Path = ".") -> None:
     """Raises :class:`RemoteRefused` (one line naming the remote and its bucket or directory) unless
     the remote can take a push: the bucket exists and this process's credentials may read it, or the
-    directory exists or can be made (DVC makes it)."""
+    directory exists or can be made (DVC makes it). An S3 endpoint that does not answer is a
+    :class:`DataRemoteError`: it may answer the next try."""
     url = remote_url(cfg, cwd)
     if is_s3_url(url):
-        check_bucket(url, cfg.endpoint_url, label=f"DVC remote {cfg.name}", error=RemoteRefused)
+        check_bucket(url, cfg.endpoint_url, label=f"DVC remote {cfg.name}", error=RemoteRefused,
+                     unreachable=DataRemoteError)
         return
     path = Path(url)
     if path.exists() and not path.is_dir():
@@ -117,6 +119,8 @@ def _failed(cfg: DataRemoteConfig, action: str, exc: BaseException, cwd: str | P
         check_remote(cfg, cwd)
     except RemoteRefused as refused:
         return RemoteRefused(f"dvc {action} refused: {refused}")
+    except DataRemoteError as unreachable:
+        return DataRemoteError(f"dvc {action} failed: {unreachable}")
     if isinstance(exc, DataRemoteError):
         return DataRemoteError(f"dvc {action} from {describe(cfg)} failed: {exc}")
     cause = exc.__cause__ or exc.__context__

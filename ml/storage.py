@@ -28,7 +28,8 @@ def split_s3_url(url: str) -> tuple[str, str]:
 
 
 def check_bucket(url: str, endpoint_url: str | None = None, *, label: str = "bucket", for_whom: str = "",
-                 timeout_s: float = 5.0, error: type[PipelineError] = StorageError) -> None:
+                 timeout_s: float = 5.0, error: type[PipelineError] = StorageError,
+                 unreachable: type[PipelineError] | None = None) -> None:
     """Checks that the bucket of ``url`` (``s3://bucket/prefix``) exists and that this process's S3
     credentials may read it; raises ``error`` with one line otherwise.
 
@@ -39,6 +40,8 @@ def check_bucket(url: str, endpoint_url: str | None = None, *, label: str = "buc
         for_whom: who needs the credentials, after "no S3 credentials" (" for the server").
         timeout_s: connect and read timeout; one attempt, no retries.
         error: the exception class raised (a caller's own subclass of PipelineError).
+        unreachable: the class raised when the endpoint does not answer, for a caller that retries
+            that but not a refusal (default: ``error``).
     """
     import boto3
     from botocore.config import Config
@@ -54,7 +57,7 @@ def check_bucket(url: str, endpoint_url: str | None = None, *, label: str = "buc
     except NoCredentialsError:
         raise error(f"{label} bucket {bucket} at {at}: no S3 credentials{for_whom} ({CREDENTIAL_SOURCES})") from None
     except EndpointConnectionError:
-        raise error(f"{label} bucket {bucket}: cannot reach the S3 endpoint {at}") from None
+        raise (unreachable or error)(f"{label} bucket {bucket}: cannot reach the S3 endpoint {at}") from None
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchBucket"):

@@ -155,3 +155,21 @@ def test_a_push_to_a_file_is_refused_not_retried(trained, tmp_path):
     assert str(err.value) == f"dvc push refused: DVC remote storage ({blocker}): {blocker} is a file; expected a directory"
     assert retry_push(None, None, Failed(data=err.value)) is False
     assert retry_push(None, None, Failed(data=DataRemoteError("dvc push failed: timeout"))) is True
+
+
+def test_an_endpoint_that_does_not_answer_may_answer_a_retry(monkeypatch):
+    import socket
+
+    from flows.training import retry_push
+    from prefect.states import Failed
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(DataRemoteError) as err:
+        check_remote(DataRemoteConfig(url="s3://team-data/dvc", endpoint_url=endpoint))
+    assert not isinstance(err.value, RemoteRefused)
+    assert str(err.value) == f"DVC remote storage bucket team-data: cannot reach the S3 endpoint {endpoint}"
+    assert retry_push(None, None, Failed(data=err.value)) is True
