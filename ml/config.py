@@ -146,8 +146,10 @@ class AnomalyConfig(Section):
     """train: what counts as an anomaly in training, and what to do about one."""
 
     action: Literal["warn", "stop"] = Field(description="on an anomaly")
-    loss_spike_window: Int = Field(gt=0, description="steps in the robust z-score window of the loss")
-    loss_spike_zscore: Float = Field(gt=0, description="robust z-score above which a loss is a spike, > 0")
+    loss_spike_window: Int = Field(gt=0, description="steps whose log-loss median and MAD are the slow baseline of the loss-spike detector")
+    loss_spike_zscore: Float = Field(gt=0, description="robust z-score of the recent log-loss level over the baseline above which the loss spikes, > 0")
+    loss_spike_persist: Int = Field(3, gt=0, description="recent steps whose median log-loss is the level: a rise must last about half of them to count")
+    loss_spike_min_increase: Float = Field(0.01, ge=0, description="floor in loss units: a level less than this above the baseline's loss is never a spike")
     max_grad_norm: Float | None = Field(gt=0, description="gradient norm above which it is exploding, or null")
 
 

@@ -3,8 +3,9 @@
 Detectors (each fed one value at a time; ``check`` returns an :class:`AnomalyEvent` or None):
 
 - :class:`NonFiniteLoss`: the loss is NaN or inf.
-- :class:`LossSpike`: a robust z-score of the loss against the median and MAD of the previous
-  ``window`` finite losses exceeds ``zscore`` (only once ``window`` losses have been seen).
+- :class:`LossSpike`: the recent level of the log-loss (median of ``persist`` steps) rises more than
+  ``zscore`` robust sigmas over a slow baseline (median and MAD of the ``window`` steps before) and
+  more than ``min_increase`` in loss units; dated at the step the rise began.
 - :class:`ExplodingGradient`: the global gradient norm is above ``max_norm``, or not finite.
 
 The ``detect_*`` functions run a detector over a whole series (steps 1..n), for tests and for
@@ -49,8 +50,8 @@ KINDS = (NONFINITE_LOSS, LOSS_SPIKE, EXPLODING_GRADIENT)
 EVENTS_ARTIFACT = "events/anomalies.jsonl"
 # Scale of the MAD that makes it estimate the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
-# Same, for the mean absolute deviation (sqrt(pi / 2)); the fallback when the MAD is 0.
-MEAN_AD_TO_SIGMA = 1.2533
+# Losses are compared in log space; a loss of exactly 0 counts as this.
+_TINY_LOSS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -71,26 +72,6 @@ class AnomalyEvent:
         return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def robust_zscore(value: float, window: Iterable[float], min_relative_scale: float = 0.01) -> float:
-    """``(value - median) / scale`` over ``window``, with ``scale = 1.4826 * MAD``.
-
-    When the MAD is 0 (more than half the window is one value) the scale falls back to
-    ``1.2533 * mean absolute deviation``; it never goes below ``min_relative_scale * |median|``
-    (and a tiny absolute floor), so a constant series is not flagged for rounding-level wobble but
-    is flagged for a jump of more than ``zscore * min_relative_scale`` of its level.
-    """
-    values = list(window)
-    if not values:
-        raise ValueError("window: expected at least one value")
-    median = statistics.median(values)
-    deviations = [abs(v - median) for v in values]
-    scale = MAD_TO_SIGMA * statistics.median(deviations)
-    if scale == 0:
-        scale = MEAN_AD_TO_SIGMA * (sum(deviations) / len(deviations))
-    scale = max(scale, min_relative_scale * abs(median), 1e-12)
-    return (value - median) / scale
-
-
 class NonFiniteLoss:
     """Flags a NaN or infinite loss."""
 
@@ -103,40 +84,80 @@ class NonFiniteLoss:
 
 
 class LossSpike:
-    """Flags a loss whose robust z-score against the previous ``window`` finite losses exceeds
-    ``zscore`` (see :func:`robust_zscore`). Quiet until ``window`` losses have been seen. Every
-    finite loss, spikes included, joins the window afterwards, so a lasting level shift stops being
-    flagged once it holds the window's median; non-finite losses are skipped."""
+    """Flags a sustained rise of the loss over its slow baseline, at the step the rise began.
+
+    Everything is in log space, where a loss near convergence (a mean over a batch, moved a lot by
+    one hard example) and a loss early in training vary alike in relative terms:
+
+    - the baseline is the median of the log-losses of the ``window`` steps before the recent ones,
+      and its spread ``sigma = 1.4826 * MAD`` of those log-losses (never below ``min_sigma``);
+    - the recent level is the median of the last ``persist`` log-losses, so one hard batch (or
+      ``persist // 2`` of them) never moves it: a rise must persist to count;
+    - the level is a spike when it is more than ``zscore`` sigmas above the baseline AND the loss
+      it stands for is more than ``min_increase`` (in loss units) above the baseline's, so a
+      converged run whose losses wobble between 0.001 and 0.01 is not flagged for it.
+
+    The event is dated at the first of the recent steps above the threshold, and reported when the
+    level confirms it (``persist // 2`` steps later). One event per excursion: the detector rearms
+    when the level is back at the baseline. Losses join the baseline only once they leave the
+    recent window, so a lasting level shift is flagged once, then absorbed. Quiet until ``window +
+    persist`` finite losses have been seen; non-finite losses are skipped (:class:`NonFiniteLoss`
+    reports them).
+    """
 
     kind = LOSS_SPIKE
 
-    def __init__(self, window: int, zscore: float, min_relative_scale: float = 0.01) -> None:
+    def __init__(self, window: int, zscore: float, persist: int = 3, min_increase: float = 0.0,
+                 min_sigma: float = 0.05) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window: expected an integer >= 1, got {window!r}")
         if not zscore > 0:
             raise ValueError(f"zscore: expected a number > 0, got {zscore!r}")
-        self.window, self.zscore, self.min_relative_scale = window, zscore, min_relative_scale
-        self._losses: deque[float] = deque(maxlen=window)
+        if not isinstance(persist, int) or persist < 1:
+            raise ValueError(f"persist: expected an integer >= 1, got {persist!r}")
+        if not min_increase >= 0:
+            raise ValueError(f"min_increase: expected a number >= 0, got {min_increase!r}")
+        self.window, self.zscore, self.persist = window, zscore, persist
+        self.min_increase, self.min_sigma = min_increase, min_sigma
+        self._baseline: deque[float] = deque(maxlen=window)
+        self._recent: deque[tuple[int, float]] = deque(maxlen=persist)
+        self._armed = True
 
     def check(self, loss: float, step: int, epoch: int = 0) -> AnomalyEvent | None:
         if not math.isfinite(loss):
             return None
-        event = None
-        if len(self._losses) == self.window:
-            z = robust_zscore(loss, self._losses, self.min_relative_scale)
-            if z > self.zscore:
-                event = AnomalyEvent(self.kind, step, epoch, z, self.zscore,
-                                     f"loss {loss:.6g} at step {step} is {z:.1f} robust standard deviations above "
-                                     f"the median {statistics.median(self._losses):.6g} of the last {self.window} "
-                                     f"steps (limit {self.zscore:g})")
-        self._losses.append(loss)
-        return event
+        if len(self._recent) == self.persist:
+            self._baseline.append(self._recent[0][1])
+        self._recent.append((step, math.log(max(loss, _TINY_LOSS))))
+        if len(self._baseline) < self.window or len(self._recent) < self.persist:
+            return None
+        base = statistics.median(self._baseline)
+        sigma = max(MAD_TO_SIGMA * statistics.median(abs(v - base) for v in self._baseline), self.min_sigma)
+        level = statistics.median(v for _, v in self._recent)
+        z = (level - base) / sigma
+        high = z > self.zscore and math.exp(level) - math.exp(base) > self.min_increase
+        if not high:
+            # Rearmed only once the level is back at the baseline: a level that hovers around
+            # the limit while the baseline absorbs it is one excursion, not many.
+            self._armed = self._armed or z <= 0
+            return None
+        if not self._armed:
+            return None
+        self._armed = False
+        limit = base + self.zscore * sigma
+        start = next(s for s, v in self._recent if v > limit)
+        return AnomalyEvent(self.kind, start, epoch, z, self.zscore,
+                            f"loss rose to {math.exp(level):.6g} from step {start} on ({z:.1f} sigma of log-loss, "
+                            f"limit {self.zscore:g}) over the median {math.exp(base):.6g} of the {self.window} "
+                            f"steps before")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self._losses)}
+        return {"baseline": list(self._baseline), "recent": [list(r) for r in self._recent], "armed": self._armed}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._losses = deque(state["losses"], maxlen=self.window)
+        self._baseline = deque(state["baseline"], maxlen=self.window)
+        self._recent = deque(((int(s), float(v)) for s, v in state["recent"]), maxlen=self.persist)
+        self._armed = bool(state["armed"])
 
 
 class ExplodingGradient:
@@ -168,9 +189,10 @@ def detect_nonfinite_losses(losses: Iterable[float]) -> list[AnomalyEvent]:
     return _scan(NonFiniteLoss(), losses)
 
 
-def detect_loss_spikes(losses: Iterable[float], window: int, zscore: float) -> list[AnomalyEvent]:
+def detect_loss_spikes(losses: Iterable[float], window: int, zscore: float, persist: int = 3,
+                       min_increase: float = 0.0) -> list[AnomalyEvent]:
     """Events for the spikes of ``losses`` (steps numbered from 1); see :class:`LossSpike`."""
-    return _scan(LossSpike(window, zscore), losses)
+    return _scan(LossSpike(window, zscore, persist, min_increase), losses)
 
 
 def detect_exploding_gradients(norms: Iterable[float], max_norm: float | None) -> list[AnomalyEvent]:
@@ -208,7 +230,8 @@ class AnomalyMonitor(Callback):
         self.first_step: dict[str, int] = {}
         self.stopped_by: AnomalyEvent | None = None
         self._nonfinite = NonFiniteLoss()
-        self._spike = LossSpike(cfg.loss_spike_window, cfg.loss_spike_zscore)
+        self._spike = LossSpike(cfg.loss_spike_window, cfg.loss_spike_zscore, cfg.loss_spike_persist,
+                                cfg.loss_spike_min_increase)
         self._gradient = ExplodingGradient(cfg.max_grad_norm)
         self._warned: set[tuple[str, int]] = set()
         self._suppressed: dict[str, int] = {}

@@ -1,16 +1,22 @@
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 
 from ml.observe.anomaly import (EVENTS_ARTIFACT, EXPLODING_GRADIENT, LOSS_SPIKE, NONFINITE_LOSS, AnomalyEvent,
                                 AnomalyMonitor, LossSpike, detect_exploding_gradients, detect_loss_spikes,
-                                detect_nonfinite_losses, robust_zscore)
-from ml.config import AnomalyConfig
+                                detect_nonfinite_losses)
+from ml.config import AnomalyConfig, load_params
 from ml.train.loop import LoopState, StepValues
 
 NAN, INF = math.nan, math.inf
+REPO = Path(__file__).resolve().parents[2]
+# train/loss of every step of the default run (params.yaml as committed: 30 epochs, 600 steps, a
+# healthy run that converges to ~0.002 with single hard batches at 0.01-0.06), as the train stage
+# logged it, to 6 significant digits.
+DEFAULT_RUN_LOSSES = json.loads((Path(__file__).parent / "data/default_run_losses.json").read_text())
 
 
 class RecordingTracker:
@@ -42,7 +48,8 @@ class RecordingTracker:
 
 
 def config(**overrides):
-    values = dict(action="warn", loss_spike_window=5, loss_spike_zscore=6.0, max_grad_norm=10.0)
+    values = dict(action="warn", loss_spike_window=5, loss_spike_zscore=6.0, loss_spike_persist=1,
+                  max_grad_norm=10.0)
     return AnomalyConfig(**{**values, **overrides})
 
 
@@ -67,25 +74,70 @@ def test_nonfinite_losses(losses, expected):
 
 
 @pytest.mark.parametrize("losses, expected", [
-    ([1.0] * 10, []),
-    ([1.0] * 5 + [2.0], [6]),
-    ([1.0] * 5 + [1.05], []),                                 # MAD 0: a 5% wobble is under 6 x 1% of the level
-    ([1.0] * 5 + [1.07], [6]),                                # ... a 7% jump is not
-    ([1.0, 1.0, 1.0, 100.0], []),                             # the window is not yet full
-    ([1.0, 1.1, 0.9, 1.05, 0.95, 5.0], [6]),
-    ([1.0, 1.1, 0.9, 1.05, 0.95, 1.2], []),                   # within the noise
-    ([1.0] * 5 + [0.1], []),                                  # a drop is not a spike
-    ([1.0, 1.0, NAN, 1.0, 1.0, 1.0, 3.0], [7]),               # NaN neither fills the window nor is scored
-    ([1.0] * 5 + [3.0] * 5, [6]),                             # a level shift is flagged once, then absorbed
+    ([1.0] * 12, []),
+    ([1.0] * 7 + [2.0] * 3, [8]),                             # a sustained doubling, dated where it began
+    ([1.0] * 7 + [2.0, 1.0, 1.0, 1.0], []),                   # one hard batch is not sustained
+    ([1.0] * 7 + [2.0, 1.0, 1.0, 2.0, 1.0], []),              # ... nor are two, farther apart than persist
+    ([1.0] * 7 + [2.0, 2.0, 1.0], [8]),                       # two of three is
+    ([1.0] * 7 + [1.04] * 3, []),                             # a 4% rise is under the floor of 0.05 (min_increase)
+    ([1.0, 1.0, 1.0, 100.0, 100.0, 100.0], []),               # the baseline is not yet full
+    ([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.0] + [5.0] * 3, [8]),
+    ([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.0] + [1.2] * 3, []),  # within the noise
+    ([1.0] * 7 + [0.1] * 3, []),                              # a drop is not a spike
+    ([1.0, 1.0, NAN, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0], [9]),  # NaN neither fills the windows nor is scored
+    ([1.0] * 7 + [3.0] * 12, [8]),                            # a level shift is flagged once, then absorbed
+    ([1.0] * 7 + [3.0] * 3 + [1.0] * 3 + [3.0] * 3, [8, 14]),  # two excursions: two events
     ([2.0 * 0.97 ** i for i in range(40)], []),               # ordinary decreasing training loss
-    ([0.0] * 5 + [1e-13, 1.0], [7]),                          # a zero level: absolute floor, not division by 0
-], ids=["constant", "jump-after-constant", "wobble-after-constant", "jump-7pct", "window-not-full", "noisy-spike",
-        "noisy-no-spike", "drop", "nan-in-window", "level-shift", "decreasing", "zero-level"])
+    ([0.0] * 7 + [1.0] * 3, [8]),                             # a zero level: log of a floor, not of 0
+], ids=["constant", "sustained-doubling", "one-hard-batch", "two-apart", "two-of-three", "under-floor",
+        "baseline-not-full", "noisy-spike", "noisy-no-spike", "drop", "nan-skipped", "level-shift", "two-excursions",
+        "decreasing", "zero-level"])
 def test_loss_spikes(losses, expected):
-    events = detect_loss_spikes(losses, window=5, zscore=6.0)
+    events = detect_loss_spikes(losses, window=5, zscore=6.0, persist=3, min_increase=0.05)
     assert steps_of(events) == expected
     for event in events:
         assert event.kind == LOSS_SPIKE and event.value > event.threshold == 6.0
+
+
+def default_spike_detector():
+    """The loss-spike settings of the committed params.yaml."""
+    cfg = load_params(REPO / "params.yaml").anomaly
+    return dict(window=cfg.loss_spike_window, zscore=cfg.loss_spike_zscore, persist=cfg.loss_spike_persist,
+                min_increase=cfg.loss_spike_min_increase)
+
+
+def test_the_default_run_is_no_anomaly_with_the_default_settings():
+    assert len(DEFAULT_RUN_LOSSES) == 600
+    assert detect_nonfinite_losses(DEFAULT_RUN_LOSSES) == []
+    assert detect_loss_spikes(DEFAULT_RUN_LOSSES, **default_spike_detector()) == []
+    # Persistence is what keeps it quiet: judged one loss at a time, single hard batches are spikes.
+    assert len(detect_loss_spikes(DEFAULT_RUN_LOSSES, **{**default_spike_detector(), "persist": 1})) >= 10
+
+
+@pytest.mark.parametrize("start", [100, 200, 300, 400, 450, 550, 580])
+def test_a_sustained_tenfold_jump_in_the_default_run_is_caught_where_it_starts(start):
+    losses = DEFAULT_RUN_LOSSES[:start - 1] + [10 * v for v in DEFAULT_RUN_LOSSES[start - 1:]]
+    (event,) = detect_loss_spikes(losses, **default_spike_detector())
+    assert event.step == start and event.kind == LOSS_SPIKE
+
+
+@pytest.mark.parametrize("start", [100, 333, 599])
+def test_a_nan_in_the_default_run_is_caught_at_its_step(start):
+    losses = DEFAULT_RUN_LOSSES[:start - 1] + [NAN] + DEFAULT_RUN_LOSSES[start:]
+    assert steps_of(detect_nonfinite_losses(losses)) == [start]
+    assert detect_loss_spikes(losses, **default_spike_detector()) == []
+
+
+def test_loss_spike_state_round_trip_continues_both_windows():
+    losses = DEFAULT_RUN_LOSSES[:400] + [10 * v for v in DEFAULT_RUN_LOSSES[400:]]
+    straight = detect_loss_spikes(losses, **default_spike_detector())
+    cfg = default_spike_detector()
+    first = LossSpike(cfg["window"], cfg["zscore"], cfg["persist"], cfg["min_increase"])
+    events = [e for step, v in enumerate(losses[:401], start=1) if (e := first.check(v, step))]
+    second = LossSpike(cfg["window"], cfg["zscore"], cfg["persist"], cfg["min_increase"])
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    events += [e for step, v in enumerate(losses[401:], start=402) if (e := second.check(v, step))]
+    assert events == straight and steps_of(events) == [401]
 
 
 @pytest.mark.parametrize("norms, max_norm, expected", [
@@ -101,21 +153,12 @@ def test_exploding_gradients(norms, max_norm, expected):
     assert all(e.kind == EXPLODING_GRADIENT for e in events)
 
 
-@pytest.mark.parametrize("value, window, expected", [
-    (3.0, [1.0, 2.0, 3.0, 4.0, 5.0], 0.0),
-    (5.0, [1.0, 2.0, 3.0, 4.0, 5.0], 2.0 / 1.4826),
-    (2.0, [1.0, 1.0, 1.0, 1.0, 3.0], 1.0 / (1.2533 * 0.4)),  # MAD 0: mean absolute deviation
-    (1.5, [1.0, 1.0, 1.0], 0.5 / 0.01),                       # all equal: 1% of the level
-])
-def test_robust_zscore(value, window, expected):
-    assert robust_zscore(value, window) == pytest.approx(expected)
-
-
 @pytest.mark.parametrize("make, message", [
     (lambda: LossSpike(0, 6.0), "window: expected an integer >= 1, got 0"),
     (lambda: LossSpike(5, 0.0), "zscore: expected a number > 0, got 0.0"),
     (lambda: detect_exploding_gradients([1.0], -1.0), "max_norm: expected a number > 0 or None, got -1.0"),
-    (lambda: robust_zscore(1.0, []), "window: expected at least one value"),
+    (lambda: LossSpike(5, 6.0, 0), "persist: expected an integer >= 1, got 0"),
+    (lambda: LossSpike(5, 6.0, 3, -0.1), "min_increase: expected a number >= 0, got -0.1"),
 ])
 def test_bad_arguments(make, message):
     with pytest.raises(ValueError) as info:
