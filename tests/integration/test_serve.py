@@ -126,6 +126,7 @@ def test_predictions_equal_the_models_own(endpoint, project, digits_test, refere
     version = body["model_version"]
     expected = reference[version]
     assert body["predictions"] == expected.argmax(axis=1).tolist()
+    assert body["labels"] == [str(i) for i in body["predictions"]]  # digits: class i is named "i"
     np.testing.assert_allclose(np.array(body["probabilities"]), expected, atol=1e-5)
     accuracy = float(np.mean(np.array(body["predictions"]) == y))
     assert accuracy == pytest.approx(project.test_accuracy[version], abs=1e-9)
@@ -133,7 +134,7 @@ def test_predictions_equal_the_models_own(endpoint, project, digits_test, refere
 
 @pytest.mark.parametrize("payload", [
     {"instances": "ROWS"},
-    {"dataframe_split": {"columns": [f"c{i}" for i in range(64)], "data": "ROWS"}},
+    {"dataframe_split": {"columns": [f"pixel_{i}" for i in range(64)], "data": "ROWS"}},
     {"dataframe_split": {"data": "ROWS"}},
 ])
 def test_mlflow_scoring_formats_give_the_same_answer(endpoint, digits_test, reference, payload):
@@ -150,7 +151,7 @@ ROW = [0.0] * 64
 
 @pytest.mark.parametrize("body, fragment", [
     ({"inputs": [[1.0, 2.0, 3.0]]},
-     "inputs: expected rows of 64 numbers (a float32 tensor of shape [-1, 64]), got a row of 3"),
+     "inputs: expected rows of 64 numbers in column order pixel_0..pixel_63, got a row of 3"),  # the contract's
     ({"inputs": ROW}, "inputs: expected a list of rows (a 2-D array), each a list of 64 numbers"),
     ({"inputs": []}, "inputs: expected a non-empty list of rows of 64 numbers"),
     ({"inputs": [["a"] * 64]}, "inputs: expected numbers, got str"),
@@ -160,8 +161,9 @@ ROW = [0.0] * 64
     ({"data": [ROW]}, "expected a JSON object with exactly one of the keys inputs, instances, dataframe_split, "
                       "dataframe_records; got 'data'"),
     ([ROW], "expected a JSON object with exactly one of the keys"),
-    ({"dataframe_split": {"columns": ["a"], "data": [ROW]}}, "dataframe_split: expected 64 columns, got 1"),
-    ({"dataframe_records": [{"a": 1}]}, "dataframe_records: this model takes a tensor without column names"),
+    ({"dataframe_split": {"columns": ["a"], "data": [ROW]}},
+     "dataframe_split: unknown column 'a'; columns 'pixel_0', 'pixel_1'"),  # the data contract's feature names
+    ({"dataframe_records": [{"a": 1}]}, "dataframe_records: unknown column 'a'; columns 'pixel_0'"),
     (b'{"inputs": [[1, 2', "body is not valid JSON"),
     (b"", "body is not valid JSON"),
 ])
@@ -205,7 +207,8 @@ def test_health_and_info_describe_the_served_version(endpoint, project):
     assert info["dataset_source"] == record.tags["dataset_source"] == "sklearn:digits"
     assert info["serving_since"].endswith("+00:00")
     assert info["tracking_uri"] == project.tracking_uri
-    assert info["input"] == {"width": 64, "dtype": "float32", "columns": None}
+    assert info["input"] == {"width": 64, "dtype": "float32", "columns": [f"pixel_{i}" for i in range(64)]}
+    assert info["classes"] == [str(i) for i in range(10)]
     tag = json.loads(record.tags[f"deployment.{ENDPOINT}"])
     assert tag["url"] == url and tag["since"] == info["serving_since"] and tag["until"] is None
 
