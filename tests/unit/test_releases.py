@@ -310,3 +310,18 @@ def test_lineage_shows_the_release_and_whether_it_is_live(registry, tmp_path):
     earlier = lineage_of_dataset(client, records, "md5-0.dir")
     assert [(n.label, n.attrs["live"]) for n in earlier.of_kind("release")] == [("production release 1.0.0", False)]
     assert not lineage_of_model_version(client, records, MODEL, "3").of_kind("release")  # never promoted
+
+
+def test_the_promotion_flows_promote_step_names_the_release(registry):
+    from flows.promotion import _promote
+    from registry import store
+
+    uri, client, checkpoint = registry
+    assert _promote(uri, MODEL, "1", "champion", None, checkpoint) == {"previous": None, "aliases": ["champion"],
+                                                                       "release": "1.0.0"}
+    assert _promote(uri, MODEL, "2", "champion", "run-1", checkpoint)["release"] == "1.1.0"
+    assert store.alias_history(client, MODEL)[-1] == {**store.alias_history(client, MODEL)[-1],
+                                                      "via": "promotion flow", "flow_run_id": "run-1",
+                                                      "release": "1.1.0"}
+    assert _promote(uri, MODEL, "3", "staging", None, checkpoint)["release"] is None  # only champion is released
+    assert production(checkpoint) == ["1.0.0", "1.1.0"]
