@@ -118,7 +118,7 @@ def weights_sha256(weights: Mapping[str, Any]) -> str:
         tensor = weights[name].detach().cpu()
         digest.update(f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\n".encode())
         if tensor.numel():
-            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
     return digest.hexdigest()
 
 
