@@ -122,6 +122,11 @@ class TrainConfig(Section):
     early_stopping_patience: Int | None = Field(None, gt=0, description="epochs in a row without an improvement of early_stopping_metric that end training, or null: every epoch runs")
     early_stopping_metric: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = Field("val_loss", description="epoch metric early stopping watches (its direction from ml.metrics)")
     log_every_steps: Int = Field(1, gt=0, description="steps whose loss and grad norm are fetched from the device in one transfer, logged and checked for anomalies together; raise it on a GPU so the device is not synchronized every step (an anomaly stop then lands at the end of its interval)")
+    accumulate_steps: Int = Field(1, gt=0, description="batches whose gradients one optimizer step accumulates: the effective batch is batch_size x accumulate_steps; global_step and checkpoints count optimizer steps")
+    clip_grad_norm: Float | None = Field(None, gt=0, description="global gradient norm each step's gradients are clipped to (after fp16 unscaling; the norm before clipping is logged), or null: no clipping")
+    schedule: Literal["constant", "cosine", "onecycle"] = Field("constant", description="learning-rate schedule over the run's optimizer steps (torch.optim.lr_scheduler), after a linear warmup of warmup_steps; its state is in every training checkpoint")
+    warmup_steps: Int = Field(0, ge=0, description="optimizer steps of linear learning-rate warmup (onecycle: its rising phase); fewer than the run's steps")
+    max_skipped_steps: Int | None = Field(5, gt=0, description="steps in a row skipped for a non-finite loss or gradients that end training with an error, or null: never")
 
 
 class EvaluateConfig(Section):
