@@ -35,6 +35,13 @@ def _not_bool(kind: str) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+def _yaml_off(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``off`` as false: for a switch whose choices include "off", it is that."""
+    return "off" if value is False else value
+
+
+YamlOff = BeforeValidator(_yaml_off)
+
 # Numbers: pydantic's lax mode (an int is a float, "1e-6" is a float), never a boolean.
 Int = Annotated[int, _not_bool("int")]
 Float = Annotated[float, _not_bool("float")]
@@ -127,6 +134,25 @@ class TrainConfig(Section):
     schedule: Literal["constant", "cosine", "onecycle"] = Field("constant", description="learning-rate schedule over the run's optimizer steps (torch.optim.lr_scheduler), after a linear warmup of warmup_steps; its state is in every training checkpoint")
     warmup_steps: Int = Field(0, ge=0, description="optimizer steps of linear learning-rate warmup (onecycle: its rising phase); fewer than the run's steps")
     max_skipped_steps: Int | None = Field(5, gt=0, description="steps in a row skipped for a non-finite loss or gradients that end training with an error, or null: never")
+    model: Literal["mlp", "cnn", "vit", "factory"] = Field("mlp", description="architecture: mlp (hidden_sizes, dropout), cnn (conv-GroupNorm-GELU blocks), vit (a small vision transformer), or factory (model_factory)")
+    model_factory: str | None = Field(None, pattern=r"^[\w.]+:\w+$", description="with model: factory, 'package.module:function' called with (input_shape, num_classes, **model_kwargs) that returns an nn.Module")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the architecture (cnn: channels, groups; vit: patch_size, dim, depth, heads, mlp_ratio) or of the factory")
+    input_shape: tuple[Annotated[Int, Field(gt=0)], ...] | None = Field(None, description="the shape a feature row is viewed in, e.g. [1, 8, 8]; null: flat for mlp, a square one-channel image for cnn and vit")
+    optimize: Annotated[Literal["off", "basic", "advanced", "max"], YamlOff] = Field("off", description="preset of the speed switches below (off: none; basic: fused AdamW, cudnn.benchmark; advanced: + bf16 (fp16 on a GPU without bf16), compile default, channels_last for the cnn, TF32 on CUDA; max: + max-autotune, activation checkpointing); an explicit key overrides it")
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="autocast in the forward pass and evaluation (master weights stay fp32); fp16 uses a GradScaler and needs CUDA; null: from optimize")
+    compile: Annotated[Literal["off", "default", "reduce-overhead", "max-autotune"] | None, YamlOff] = Field(None, description="torch.compile mode of the training forward (a failure falls back to eager, recorded); null: from optimize")
+    memory_format: Literal["contiguous", "channels_last"] | None = Field(None, description="memory format of a convolutional model's weights and images; null: from optimize")
+    activation_checkpointing: bool | None = Field(None, description="recompute the activations of the model's blocks in backward (cnn, vit, a factory module's blocks marked activation_checkpoint_block); null: from optimize")
+
+    @model_validator(mode="after")
+    def _model(self) -> TrainConfig:
+        if (self.model == "factory") != (self.model_factory is not None):
+            raise ValueError("train.model_factory: expected 'package.module:function' exactly when train.model is "
+                             f"factory, got {self.model_factory!r} with model {self.model}")
+        if self.memory_format == "channels_last" and self.model in ("mlp", "vit"):
+            raise ValueError(f"train.memory_format: expected contiguous for the {self.model} (channels_last is for "
+                             "convolutional models), got 'channels_last'")
+        return self
 
 
 class EvaluateConfig(Section):

@@ -1,7 +1,8 @@
 """The one way a trained classifier predicts: evaluation, the champion/challenger gate and the
 serving endpoint all go through :func:`inference_model` and :func:`predict`.
 
-A model can arrive in three forms: our :class:`ml.model.architectures.MLP` (training, evaluation),
+A model can arrive in three forms: our :class:`ml.model.architectures.Classifier` (an MLP, CNN, ViT
+or a factory's network; training, evaluation),
 an ``nn.Module`` unpickled by MLflow, or a ``torch.export`` program (MLflow's default ``pt2``
 format). An exported program is already in inference form and refuses ``eval()``, and calling it
 costs about three times the eager network on a single row (input flattening and guards on every
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ml.model.architectures import MLP, ModelSpec
+from ml.model.architectures import MLP, Classifier, ModelSpec
 
 
 class Prediction(NamedTuple):
@@ -32,7 +33,7 @@ def inference_model(model: Any, width: int | None = None) -> Any:
     when that network gives the same outputs on a probe, and kept as it is otherwise."""
     with suppress(NotImplementedError):  # an exported (pt2) program is already in inference form
         model.eval()
-    if width is None or isinstance(model, MLP):
+    if width is None or isinstance(model, Classifier):
         return model
     return _eager_equivalent(model, width)
 
