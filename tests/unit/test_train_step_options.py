@@ -286,3 +286,24 @@ def test_skip_counts_survive_a_resume():
     back = LoopState()
     back.load_state_dict(state.state_dict())
     assert (back.skipped_steps, back.consecutive_skips, back.overflow_steps) == (4, 2, 7)
+
+
+def test_a_gradscaler_overflow_is_counted_apart_and_not_a_divergence():
+    """GradScaler on the CPU (the same bookkeeping as on CUDA): a scale that overflows the gradients
+    under a finite loss is an overflow step the scaler skips and halves its scale for, not a skip."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    x, y = data(16)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = train_step(model, optimizer, [(x * 1e3, y)], scaler=scaler)
+    assert out.overflow and not out.skipped and math.isfinite(out.loss.item())
+    assert scaler.get_scale() == 2.0 ** 126
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    state, tracker = LoopState(global_step=1), Recorder()
+    from ml.train.loop import _count_skips
+
+    _count_skips(state, out, tracker, max_skipped_steps=1)
+    assert (state.overflow_steps, state.skipped_steps) == (1, 0)
+    assert tracker.metrics == {"train/overflow_steps": [(1, 1.0)]}
