@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,34 @@ def test_a_breaking_version_stops_at_prepare(project, case, exit_code):
         assert fragment in done.stderr
     assert processed_digest(project) == before
     assert versions(project) == ["1"] and champion_version(project) == "1"
+
+
+def test_drift_against_the_champions_training_split_from_the_dvc_cache(project):
+    """The DVC cache as `dvc commit` lays it out, holding the split the champion was trained on."""
+    from ml.provenance import dir_md5, file_md5
+
+    processed = project / "data/processed"
+    md5 = client_of(project).get_model_version(MODEL, "1").tags["dataset_md5"]
+    assert dir_md5(processed) == md5
+    cache = project / ".dvc/cache/files/md5"
+    entries = []
+    for path in sorted(processed.iterdir()):
+        digest = file_md5(path)
+        (cache / digest[:2]).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, cache / digest[:2] / digest[2:])
+        entries.append({"md5": digest, "relpath": path.name})
+    (cache / md5[:2]).mkdir(parents=True, exist_ok=True)
+    (cache / md5[:2] / md5[2:]).write_text(json.dumps(entries))
+    set_params(project, drift={"reference": "champion"})
+    try:
+        done = run_module("tasks.validate", cwd=project)
+    finally:
+        set_params(project, drift={"reference": "contract"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    drift = json.loads((project / "reports/drift.json").read_text())
+    assert drift["reference"] == f"champion {MODEL} v1 (dataset {md5})"
+    # every split of the same version against its own training split: no drift
+    assert drift["level"] == "ok" and all(r["psi"] < 0.1 for r in drift["features"])
 
 
 def test_a_compatible_version_registers_a_challenger_scored_with_the_same_mapping(project):
