@@ -3,9 +3,14 @@
 Two gates decide whether a trained model is registered at all:
 
 1. absolute: test accuracy >= ``register.min_test_accuracy``;
-2. champion/challenger: when a champion exists, it is scored on the same test split
-   (``data.processed_dir``) and the challenger's accuracy minus the champion's must reach
-   ``register.champion_min_delta``.
+2. champion/challenger: when a champion exists, its input signature (feature names, order,
+   dtypes) and class list must equal the challenger's (``register.allow_breaking_change`` registers
+   a deliberate change, recorded on the version and in its approval history); then it is scored on
+   the same test split (``data.processed_dir``, labels mapped through the data contract's class
+   list) and the challenger's accuracy minus the champion's must reach ``register.champion_min_delta``.
+
+Every version carries the data contract it was trained under (path, digest, the file as an
+artifact of its run) and its input signature.
 
 A model that fails either gate is not registered: the registry holds only candidates worth a
 person's review, so a list of pending versions is a list of real decisions. The evidence is not
