@@ -9,7 +9,6 @@ contract's class-presence check under ``allow_missing_classes``) is reported wit
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,6 @@ def _run_suites(frames: dict[str, pd.DataFrame], suites: dict[str, Any]) -> dict
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # not a line per ephemeral context
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas("splits")
