@@ -64,6 +64,12 @@ push_outputs_task = task(push_outputs, name="dvc-push", cache_policy=NO_CACHE, r
                          retry_condition_fn=retry_push)
 
 
+def versions_data(params_path: str, version_data: bool) -> bool:
+    """Whether the flow commits its outputs to DVC: ``version_data`` and the repository's own
+    params.yaml (dvc.yaml reads that file, so a different one would record params it did not use)."""
+    return version_data and Path(params_path).resolve() == Path("params.yaml").resolve() and Path("dvc.yaml").exists()
+
+
 def check_data_remote(versioning: bool) -> Any:
     """The ``data_remote`` settings when the flow will push to them, checked before any work starts
     (one line naming the bucket or directory); None when there is nothing to push to."""
@@ -170,8 +176,7 @@ def training_pipeline(params_path: str = "params.yaml", version_data: bool = Tru
     (dvc.yaml reads that file, so a different one would record params it did not use).
     """
     quiet_known_errors()
-    versioning = version_data and Path(params_path).resolve() == Path("params.yaml").resolve() \
-        and Path("dvc.yaml").exists()
+    versioning = versions_data(params_path, version_data)
     remote = check_data_remote(versioning)
     pipeline = start_pipeline_run(params_path)
     parent = pipeline.run_id
@@ -218,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-version-data", action="store_true", help="do not commit outputs to DVC")
     args = parser.parse_args(argv)
+    # the flow checks the remote too (deployments start there); here it is refused before Prefect starts
+    check_data_remote(versions_data(args.params, not args.no_version_data))
     registered = training_pipeline(args.params, version_data=not args.no_version_data)
     print(next_steps(registered))
 

@@ -173,3 +173,24 @@ def test_a_push_refused_after_registration_fails_the_flow_naming_the_version(tra
     with get_client(sync_client=True) as prefect:
         pushes = [t for t in prefect.read_task_runs() if t.name.startswith("dvc-push")]
     assert [t.run_count for t in pushes] == [1]  # a refusal is not retried
+
+
+def test_a_deployment_run_checks_the_bucket_in_the_flow(trained, tmp_path, prefect_harness, monkeypatch,
+                                                          s3_server):  # noqa: F811
+    """A deployment starts the flow itself, without `python -m flows.training`'s check: the flow
+    checks first thing too, and fails before its pipeline run exists."""
+    from flows.training import training_pipeline
+    from ml.dvc_remote import RemoteRefused
+
+    project, _ = trained
+    clone = git_clone(project, tmp_path / "clone")
+    monkeypatch.chdir(clone)
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLOPS_DATA_REMOTE__URL", "s3://no-such-bucket-here/dvc")
+    state = training_pipeline(return_state=True)
+    assert state.is_failed()
+    refused = state.result(raise_on_failure=False)
+    assert isinstance(refused, RemoteRefused)
+    assert str(refused) == f"DVC remote storage bucket no-such-bucket-here at {s3_server.endpoint_url}: no such bucket"
+    assert not (clone / "mlflow.db").exists() and not (clone / "data").exists()
