@@ -198,7 +198,7 @@ class VisionTransformer(nn.Module):
     pooling over the patches, linear head."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, dropout: float, patch_size: int = 2,
-                 dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 2) -> None:
+                 dim: int = 64, depth: int = 3, heads: int = 4, mlp_ratio: int = 4) -> None:
         super().__init__()
         if len(input_shape) != 3 or input_shape[1] % patch_size or input_shape[2] % patch_size:
             raise ConfigError(f"train.model_kwargs.patch_size: expected a divisor of the image's height and width "
