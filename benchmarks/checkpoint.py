@@ -9,8 +9,7 @@ each of three ways to checkpoint every ``--every`` steps: ``torch.save`` of the 
 state dicts followed by fsync; ``torch.distributed.checkpoint.async_save`` (the previous save is
 awaited before the next, as its documentation asks); and :class:`ml.checkpoint.manager.CheckpointManager`
 through the same call :class:`ml.train.checkpoints.CheckpointHook` makes, with its defaults (CRC-32C
-digests, writer threads at idle priority), with normal writer priority, and with SHA-256 digests at
-normal priority. The stall of a method is the
+digests, writer threads at normal priority), with idle writer priority, and with SHA-256 digests. The stall of a method is the
 extra wall time of its loop per checkpoint against the loop without checkpoints, the last save
 awaited inside the timed region, estimated per iteration with medians (see
 :func:`stall_per_checkpoint`); methods run interleaved for ``--rounds`` rounds. On CUDA the state
@@ -253,7 +252,7 @@ def report(args: argparse.Namespace, device: torch.device, base: Path) -> None:
         "sync": lambda d: TorchSave(model, optimizer, d),
         "dcp": lambda d: DcpAsync(model, optimizer, d),
         "ours": lambda d: Ours(model, optimizer, d),  # the defaults
-        "ours_normal": lambda d: Ours(model, optimizer, d, writer_priority="normal"),
+        "ours_idle": lambda d: Ours(model, optimizer, d, writer_priority="idle"),
         "ours_sha256": lambda d: Ours(model, optimizer, d, checksum="sha256", writer_priority="normal"),
     }
     times: dict[str, list[list[float]]] = {k: [] for k in makers}

@@ -60,7 +60,7 @@ class CheckpointConfig(Section):
     monitor: tuple[Annotated[str, Field(pattern=r"^[^:]+:(min|max)$")], ...] = Field(default=("val_accuracy:max", "val_loss:min"), description="milestone metrics as metric:min or metric:max")
     compress: Literal["none", "zstd"] = Field(default="none", description="compression of the training tier")
     checksum: Literal["crc32c", "sha256", "crc32"] = Field(default="crc32c", description="per-file digest of the training tier in the manifest: crc32c (hardware CRC-32C), sha256 or crc32 (milestones and releases always sha256)")
-    writer_priority: Literal["idle", "normal"] = Field(default="idle", description="scheduling priority of the training tier's checksum and write threads: idle takes only CPU time training leaves (less stall, later durable commit)")
+    writer_priority: Literal["normal", "idle"] = Field(default="normal", description="scheduling priority of the training tier's checksum and write threads: idle takes only CPU time training leaves (less stall, later durable commit)")
     resume: bool = Field(default=True, description="resume from the newest valid training checkpoint of the same configuration")
     s3_bucket: str | None = Field(default=None, description="S3 bucket mirrored after each local commit, or null")
     s3_prefix: str = Field(default="mlops-pipeline/checkpoints", description="key prefix inside the bucket")

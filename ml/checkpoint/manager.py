@@ -78,7 +78,7 @@ logger = logging.getLogger(__name__)
 
 WRITER_PRIORITIES = ("normal", "idle")
 DEFAULT_CHECKSUM = "crc32c"
-DEFAULT_WRITER_PRIORITY = "idle"
+DEFAULT_WRITER_PRIORITY = "normal"
 
 
 class CheckpointLocked(PipelineError):
