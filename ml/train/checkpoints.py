@@ -102,13 +102,15 @@ def resume(manager: CheckpointManager, model: nn.Module, optimizer: torch.optim.
 
 
 def resume_stage(manager: CheckpointManager, ctx: CheckpointContext, epochs: int, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, generator: torch.Generator) -> Resumed:
+                 optimizer: torch.optim.Optimizer, generator: torch.Generator, *, scaler: Any = None,
+                 scheduler: Any = None) -> Resumed:
     """:func:`resume` as the train stage asks for it: not at all under ``--fresh`` or
     ``checkpoint.resume: false``, otherwise only a checkpoint of the same configuration."""
     if ctx.fresh or not ctx.cfg.resume:
         return Resumed(None, None, "starting fresh (" + ("--fresh" if ctx.fresh else "checkpoint.resume is false")
                        + ")")
-    return resume(manager, model, optimizer, generator=generator, fingerprint=ctx.fingerprint, epochs=epochs)
+    return resume(manager, model, optimizer, generator=generator, scaler=scaler, scheduler=scheduler,
+                  fingerprint=ctx.fingerprint, epochs=epochs)
 
 
 class CheckpointHook(Callback):

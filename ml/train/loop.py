@@ -3,10 +3,12 @@ and never calls MLflow or torch.save itself."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +17,10 @@ import torch
 from torch import nn
 
 from ml.tracking.base import NullTracker, Tracker
+from ml.train.divergence import TrainingDiverged
 from ml.train.step import StepOutput, train_step
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,7 +31,9 @@ class LoopState:
     epoch in progress on the training device (summed loss, correct predictions, samples), from
     which the epoch's ``train_loss`` and ``train_accuracy`` come. ``unlogged`` holds the steps not yet
     logged (step, epoch, loss and grad norm as a device tensor of two), so a checkpoint taken
-    between logging intervals still logs them, and hands them to the hooks, after a resume."""
+    between logging intervals still logs them, and hands them to the hooks, after a resume.
+    ``skipped_steps`` counts the steps skipped for a non-finite loss or gradient (``consecutive_skips``
+    of them in a row up to now), ``overflow_steps`` the fp16 steps GradScaler skipped."""
 
     epoch: int = 0
     global_step: int = 0
@@ -37,6 +44,9 @@ class LoopState:
     stop_reason: str | None = None
     epoch_sums: torch.Tensor | None = None
     unlogged: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    overflow_steps: int = 0
     timing: StepTiming = field(default_factory=lambda: StepTiming())
 
     def state_dict(self) -> dict[str, Any]:
@@ -46,6 +56,8 @@ class LoopState:
                 "epoch_generator_state": self.epoch_generator_state,
                 "history": [dict(h) for h in self.history], "stop": self.stop, "stop_reason": self.stop_reason,
                 "epoch_sums": self.epoch_sums,
+                "skips": {"skipped": self.skipped_steps, "consecutive": self.consecutive_skips,
+                          "overflow": self.overflow_steps},
                 "unlogged": {"steps": [s for s, _, _ in self.unlogged], "epochs": [e for _, e, _ in self.unlogged],
                              "values": torch.stack([v for _, _, v in self.unlogged]) if self.unlogged else None}}
 
@@ -57,6 +69,9 @@ class LoopState:
         self.stop = state["stop"]
         self.stop_reason = state.get("stop_reason")
         self.epoch_sums = state.get("epoch_sums")
+        skips = state.get("skips") or {}
+        self.skipped_steps, self.consecutive_skips = skips.get("skipped", 0), skips.get("consecutive", 0)
+        self.overflow_steps = skips.get("overflow", 0)
         unlogged = state.get("unlogged")
         self.unlogged = (list(zip(unlogged["steps"], unlogged["epochs"], unlogged["values"]))
                          if unlogged and unlogged["steps"] else [])
@@ -144,12 +159,15 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over a whole split (one device-to-host transfer at the end)."""
+def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024, *,
+                   autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over a whole split (one device-to-host transfer at the end),
+    the forward passes under ``autocast`` (the training precision)."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=x.device)   # summed loss, correct predictions
     for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size])
+        with autocast():
+            logits = model(x[i:i + batch_size]).float()
         sums[0] += nn.functional.cross_entropy(logits, y[i:i + batch_size], reduction="sum").double()
         sums[1] += (logits.argmax(dim=1) == y[i:i + batch_size]).sum()
     loss_sum, correct = sums.tolist()
@@ -169,6 +187,13 @@ def fit(
     hooks: Sequence[Callback] = (),
     state: LoopState | None = None,
     log_every_steps: int = 1,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+    eval_model: nn.Module | None = None,
+    accumulate_steps: int = 1,
+    clip_grad_norm: float | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    max_skipped_steps: int | None = None,
 ) -> LoopState:
     """Trains for ``epochs``; continues from ``state`` (possibly mid-epoch) when one is given.
 
@@ -178,9 +203,22 @@ def fit(
     ``train_loss``/``train_accuracy`` (running means over the epoch's steps) and ``val_loss``/
     ``val_accuracy``. A hook that sets ``state.stop`` ends the loop cleanly after the current step,
     keeping the position inside the epoch (see :func:`record_stop` for a history entry at that point).
+    ``autocast`` and ``scaler`` shape each step (see :func:`ml.train.step.train_step`); validation
+    runs under the same ``autocast``, on ``eval_model`` when given (the plain module of a compiled
+    ``model``, so evaluation's shapes never recompile the training forward).
+
+    One optimizer step takes ``accumulate_steps`` batches (the last step of an epoch may take fewer),
+    so ``global_step``, the hooks' ``on_step_end`` and therefore checkpoints are at optimizer-step
+    boundaries; ``clip_grad_norm`` clips each step's gradients; ``scheduler.step()`` follows every
+    step, and ``train/lr`` logs the rate the step used. A skipped step (non-finite loss or
+    gradients, see :func:`ml.train.step.train_step`) trains nothing and is left out of the epoch's
+    running means; it logs ``train/skipped_steps`` (fp16 overflows: ``train/overflow_steps``), and
+    ``max_skipped_steps`` of them in a row raise :class:`ml.train.divergence.TrainingDiverged`.
     """
     if log_every_steps < 1:
         raise ValueError(f"log_every_steps: expected an integer >= 1, got {log_every_steps!r}")
+    if accumulate_steps < 1:
+        raise ValueError(f"accumulate_steps: expected an integer >= 1, got {accumulate_steps!r}")
     tracker = tracker or NullTracker()
     log = tracker.log_metric
     state = state or LoopState()
@@ -202,18 +240,27 @@ def fit(
         sums = state.epoch_sums = state.epoch_sums.to(device=x_train.device, dtype=torch.float64)
         order = torch.randperm(n, generator=generator)
         model.train()
-        for b in range(state.batch_in_epoch, per_epoch):
+        for b in range(state.batch_in_epoch, per_epoch, accumulate_steps):
+            end = min(b + accumulate_steps, per_epoch)
             clock.begin()
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            inputs, targets = x_train[idx], y_train[idx]
+            micro_batches = []
+            for i in range(b, end):
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                micro_batches.append((x_train[idx], y_train[idx]))
             clock.data_ready()
-            out = train_step(model, optimizer, [(inputs, targets)])
+            lr = optimizer.param_groups[0]["lr"]
+            out = train_step(model, optimizer, micro_batches, autocast=autocast, scaler=scaler,
+                             clip_grad_norm=clip_grad_norm)
+            if scheduler is not None:
+                scheduler.step()
             data_s, compute_s, wall_s = clock.end()
             state.global_step += 1
-            state.batch_in_epoch = b + 1
-            sums[0] += out.loss.double() * out.samples
-            sums[1] += out.correct
-            sums[2] += out.samples
+            state.batch_in_epoch = end
+            if not out.skipped:
+                sums[0] += out.loss.double() * out.samples
+                sums[1] += out.correct
+                sums[2] += out.samples
+            _count_skips(state, out, tracker, max_skipped_steps)
             timing = state.timing
             timing.steps += 1
             timing.samples += out.samples
@@ -224,6 +271,7 @@ def fit(
             log("train/step_ms", 1000 * wall_s, step)
             log("train/samples_per_s", out.samples / wall_s if wall_s else 0.0, step)
             log("train/data_wait_ms", 1000 * data_s, step)
+            log("train/lr", lr, step)
             state.unlogged.append((step, state.epoch + 1, torch.stack((out.loss.float(), out.grad_norm.float()))))
             if len(state.unlogged) >= log_every_steps or state.batch_in_epoch == per_epoch:
                 _log_steps(tracker, hooks, state)
@@ -235,7 +283,8 @@ def fit(
             _log_steps(tracker, hooks, state)
         if state.stop and state.batch_in_epoch < per_epoch:
             break
-        metrics = {**_train_means(sums), **_prefixed(evaluate_split(model, *val), "val_")}
+        val_metrics = evaluate_split(eval_model or model, *val, autocast=autocast)
+        metrics = {**_train_means(sums), **_prefixed(val_metrics, "val_")}
         state.epoch += 1
         state.batch_in_epoch = 0
         state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
@@ -245,6 +294,24 @@ def fit(
     for hook in hooks:
         hook.on_train_end(state)
     return state
+
+
+def _count_skips(state: LoopState, out: StepOutput, tracker: Tracker, max_skipped_steps: int | None) -> None:
+    """Counts and logs a skipped or overflowed step; raises once ``max_skipped_steps`` in a row
+    were skipped."""
+    if out.overflow:
+        state.overflow_steps += 1
+        tracker.log_metric("train/overflow_steps", float(state.overflow_steps), state.global_step)
+    if not out.skipped:
+        state.consecutive_skips = 0
+        return
+    state.skipped_steps += 1
+    state.consecutive_skips += 1
+    tracker.log_metric("train/skipped_steps", float(state.skipped_steps), state.global_step)
+    logger.warning("step %d skipped: its loss or gradients are not finite (%d in a row, %d in all)",
+                   state.global_step, state.consecutive_skips, state.skipped_steps)
+    if max_skipped_steps is not None and state.consecutive_skips >= max_skipped_steps:
+        raise TrainingDiverged(state.global_step, state.consecutive_skips)
 
 
 def _log_steps(tracker: Tracker, hooks: Sequence[Callback], state: LoopState) -> None:
@@ -273,14 +340,15 @@ def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def record_stop(model: nn.Module, state: LoopState, train: tuple[torch.Tensor, torch.Tensor],
-                val: tuple[torch.Tensor, torch.Tensor], batch_size: int, tracker: Tracker | None = None) -> None:
+                val: tuple[torch.Tensor, torch.Tensor], batch_size: int, tracker: Tracker | None = None, *,
+                autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
     """After a stop mid-epoch: the partial epoch's running train means and the model evaluated on
     ``val`` as it stands, appended to the history at a fractional epoch (3.4 = 40% into the 4th), so
     a stopped run still reports where it ended."""
     if not state.batch_in_epoch:
         return
     sums = state.epoch_sums if state.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)
-    metrics = {**_train_means(sums), **_prefixed(evaluate_split(model, *val), "val_")}
+    metrics = {**_train_means(sums), **_prefixed(evaluate_split(model, *val, autocast=autocast), "val_")}
     epoch = state.epoch + state.batch_in_epoch / batches_per_epoch(len(train[0]), batch_size)
     state.history.append({"epoch": round(epoch, 4), "step": state.global_step, **metrics})
     (tracker or NullTracker()).log_metrics(metrics, step=state.epoch + 1)

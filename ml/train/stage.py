@@ -20,9 +20,13 @@ from ml.io import atomic_write_json
 from ml.train.callbacks import EarlyStopping
 from ml.train.loop import Callback, LoopState, fit, record_stop, resolve_device, seed_everything
 from ml.train.checkpoints import CheckpointContext, CheckpointHook, MilestoneHook, open_checkpoints, resume_stage
-from ml.model.architectures import MLP, ModelSpec
+from ml.model.architectures import Classifier, ModelSpec, build_model as build_architecture, image_shape
+from ml.model.architectures import enable_activation_checkpointing, set_channels_last
 from ml.model.serialization import save_model
 from ml.tracking.base import NullTracker, Tracker
+from ml.train.compile import CompiledForward, compile_forward, example_batches
+from ml.train.speed import SpeedSettings, apply_backend_flags, autocast_for, grad_scaler_for, resolve_speed
+from ml.train.schedule import build_scheduler, optimizer_steps
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +43,18 @@ class Splits(NamedTuple):
     y_val: np.ndarray
 
 
-HookFactory = Callable[[MLP, torch.optim.Optimizer, Splits], Sequence[Callback]]
+HookFactory = Callable[[Classifier, torch.optim.Optimizer, Splits], Sequence[Callback]]
 
 
 @dataclass
 class TrainResult:
-    model: MLP
+    model: Classifier
     state: LoopState
     resumed_from: str | None = None
     resume_note: str = ""
     checkpoint_stats: list[dict[str, Any]] = field(default_factory=list)
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    compiled: CompiledForward | None = None
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -60,14 +66,20 @@ def run_name(cfg: TrainConfig) -> str:
     return f"train-lr{cfg.lr:g}-bs{cfg.batch_size}"
 
 
-def build_model(cfg: TrainConfig, schema: Schema) -> MLP:
-    return MLP(ModelSpec(len(schema.features), cfg.hidden_sizes, schema.num_classes, cfg.dropout))
+def build_model(cfg: TrainConfig, schema: Schema) -> Classifier:
+    """The untrained network of ``train.model`` for the dataset's features and classes."""
+    width = len(schema.features)
+    shape = image_shape(width, cfg.input_shape) if cfg.input_shape or cfg.model in ("cnn", "vit") else ()
+    return build_architecture(ModelSpec(width, cfg.hidden_sizes, schema.num_classes, cfg.dropout, cfg.model, shape,
+                                        dict(cfg.model_kwargs), cfg.model_factory))
 
 
 def config_fingerprint(cfg: TrainConfig, dataset_md5: str) -> str:
-    """Identifies "the same training": the hyperparameters that shape each step, and the data."""
+    """Identifies "the same training": the hyperparameters that shape each step (the model, and the
+    precision and compile mode as resolved for the device), and the data."""
     keys = {k: v for k, v in flatten(cfg).items() if k not in _NOT_IN_FINGERPRINT}
-    blob = json.dumps({"train": keys, "dataset_md5": dataset_md5}, sort_keys=True, default=str)
+    speed = asdict(resolve_speed(cfg, resolve_device(cfg.device)))
+    blob = json.dumps({"train": keys, "speed": speed, "dataset_md5": dataset_md5}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -88,6 +100,12 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     further hooks that need the model, optimizer or data (histograms, anomaly monitor, progress bar).
     ``train.early_stopping_patience`` adds :class:`ml.train.callbacks.EarlyStopping`. The state of
     every hook that has some (``state_key``) is saved in each checkpoint and restored on resume.
+
+    The speed switches (``train.optimize`` and the keys that override it, see
+    :mod:`ml.train.speed`) are logged as ``speed.*`` params; with ``train.compile``, the compile time
+    is logged as ``train/compile_s`` and a compile that fails leaves training eager, with the reason
+    in the run tag ``compile_fallback`` and on the console. Checkpoints and the saved model always
+    hold the plain module's weights.
     """
     tracker = tracker or NullTracker()
     device = resolve_device(cfg.device)
@@ -95,17 +113,29 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     schema = Schema.read(processed_dir)
     x_train, y_train = load_split(processed_dir, "train")
     x_val, y_val = load_split(processed_dir, "val")
+    speed = resolve_speed(cfg, device)
+    apply_backend_flags(speed)
     model = build_model(cfg, schema)
     model.set_input_stats(x_train)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if speed.memory_format == "channels_last":
+        set_channels_last(model)
+    if speed.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if speed.fused_optimizer else {}))
+    autocast, scaler = autocast_for(speed.precision, device), grad_scaler_for(speed.precision, device)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps,
+                                optimizer_steps(len(y_train), cfg.batch_size, cfg.accumulate_steps, cfg.epochs))
+    tracker.log_params(speed.as_params())
     as_tensors = lambda x, y: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))  # noqa: E731
     all_hooks = list(hooks)
     result_stats: list[dict[str, Any]] = []
     manager, state, resumed_from, note, saved_callbacks = None, None, None, "", {}
     if checkpoints is not None:
         manager = open_checkpoints(checkpoints.cfg, on_saved=lambda s: _record_save(tracker, result_stats, s))
-        resumed = resume_stage(manager, checkpoints, cfg.epochs, model, optimizer, generator)
+        resumed = resume_stage(manager, checkpoints, cfg.epochs, model, optimizer, generator, scaler=scaler,
+                               scheduler=scheduler)
         state, resumed_from, note, saved_callbacks = resumed.state, resumed.name, resumed.note, resumed.callbacks
         logger.info("train: %s", note)
         print(f"train: {note}", flush=True)
@@ -118,31 +148,49 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
         restore_callbacks(all_hooks, saved_callbacks)
     if checkpoints is not None:
         extra = {"fingerprint": checkpoints.fingerprint, "run_id": checkpoints.run_id,
-                 "model_spec": {**asdict(model.spec), "hidden_sizes": list(model.spec.hidden_sizes)},
+                 "model_spec": model.spec.to_json(),
                  "classes": list(schema.classes), "features": list(schema.features),
                  "config": flatten(cfg, "train."), "dataset": dict(checkpoints.dataset),
                  "git_commit": checkpoints.git_commit, "environment": environment()}
         # after the callbacks whose state they save, so a checkpoint holds their state at its step
-        all_hooks.append(CheckpointHook(manager, model, optimizer, generator=generator,
+        all_hooks.append(CheckpointHook(manager, model, optimizer, generator=generator, scaler=scaler,
+                                        scheduler=scheduler,
                                         every_steps=checkpoints.cfg.every_steps,
                                         every_seconds=checkpoints.cfg.every_seconds, extra=lambda: extra,
                                         callback_states=states))
         if checkpoints.cfg.monitor:
             all_hooks.append(MilestoneHook(manager, model, optimizer, generator, checkpoints.cfg.monitor, extra,
                                            checkpoints.run_id, callback_states=states))
+    compiled = compile_forward(model, speed.compile, example_batches(*as_tensors(x_train, y_train), cfg.batch_size),
+                               autocast)
+    _record_compile(tracker, compiled)
     try:
-        state = fit(model, optimizer, as_tensors(x_train, y_train), as_tensors(x_val, y_val),
+        state = fit(compiled.forward, optimizer, as_tensors(x_train, y_train), as_tensors(x_val, y_val),
                     epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, tracker=tracker,
-                    hooks=all_hooks, state=state, log_every_steps=cfg.log_every_steps)
+                    hooks=all_hooks, state=state, log_every_steps=cfg.log_every_steps, autocast=autocast,
+                    scaler=scaler, eval_model=model, accumulate_steps=cfg.accumulate_steps,
+                    clip_grad_norm=cfg.clip_grad_norm, scheduler=scheduler, max_skipped_steps=cfg.max_skipped_steps)
     finally:
         if manager is not None:
             manager.close()
     if state.stop:
-        record_stop(model, state, as_tensors(x_train, y_train), as_tensors(x_val, y_val), cfg.batch_size, tracker)
+        record_stop(model, state, as_tensors(x_train, y_train), as_tensors(x_val, y_val), cfg.batch_size, tracker,
+                    autocast=autocast)
     model.cpu().eval()
     save_model(model, cfg.model_dir)
     atomic_write_json(cfg.metrics_file, state.history)
-    return TrainResult(model, state, resumed_from, note, result_stats)
+    return TrainResult(model, state, resumed_from, note, result_stats, speed, compiled)
+
+
+def _record_compile(tracker: Tracker, compiled: CompiledForward) -> None:
+    """Compile time as a metric; a fallback to eager as a run tag and one console line."""
+    if compiled.mode == "off":
+        return
+    tracker.log_metric("train/compile_s", compiled.seconds, 0)
+    if compiled.fallback_reason is not None:
+        tracker.set_tags({"compile_fallback": compiled.fallback_reason})
+        logger.warning("train: compile %s failed, training eager: %s", compiled.mode, compiled.fallback_reason)
+        print(f"train: compile {compiled.mode} failed, training eager: {compiled.fallback_reason}", flush=True)
 
 
 def callback_states(hooks: Sequence[Callback]) -> Callable[[], dict[str, Any]]:
