@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.promotion import start_promotion
 from ml.errors import PipelineError, cli_errors
+from tasks.entry import should_retry
 from tasks.evaluate import evaluate_task
 from tasks.prepare import prepare_task
 from tasks.register import register_task
@@ -46,22 +47,8 @@ def push_outputs(remote: Any, repo_dir: str = ".") -> int:
     return push(remote, repo_dir)
 
 
-def retry_push(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: a failed transfer is retried; a remote that refuses (missing bucket,
-    wrong credentials) is not."""
-    from ml.dvc_remote import RemoteRefused
-
-    try:
-        state.result()
-    except RemoteRefused:
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be transient I/O
-        return True
-    return False
-
-
 push_outputs_task = task(push_outputs, name="dvc-push", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
-                         retry_condition_fn=retry_push)
+                         retry_condition_fn=should_retry)
 
 
 def versions_data(params_path: str, version_data: bool) -> bool:

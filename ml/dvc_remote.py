@@ -31,9 +31,13 @@ LOCK_ARTIFACT_DIR = "dvc"  # where the training flow logs its dvc.lock in the pi
 class DataRemoteError(PipelineError):
     """A ``dvc push`` or ``dvc pull`` that failed; another try may succeed."""
 
+    retryable = True
+
 
 class RemoteRefused(DataRemoteError):
     """The remote cannot be used as configured: a missing bucket or directory, refused credentials."""
+
+    retryable = False
 
 
 class DataNotPushed(DataRemoteError):

@@ -13,6 +13,9 @@ class PipelineError(Exception):
     """A problem with the user's input: params, data, or a registry request."""
 
     exit_code = 2
+    # Whether another try of the same call may succeed (a transfer that failed, not bad input):
+    # what Prefect's retry condition (tasks.entry.should_retry) asks.
+    retryable = False
 
 
 class ConfigError(PipelineError):

@@ -88,11 +88,12 @@ def stage_main(stage: str, run: Callable[..., dict[str, Any]], argv: list[str] |
 
 
 def should_retry(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry I/O failures, never a user's bad input."""
+    """Prefect retry condition: retry I/O failures, never a user's bad input (a
+    :class:`PipelineError` is retried only when it says another try may succeed)."""
     try:
         state.result()
-    except PipelineError:
-        return False
+    except PipelineError as exc:
+        return exc.retryable
     except Exception:  # noqa: BLE001 - anything else may be transient I/O
         return True
     return False

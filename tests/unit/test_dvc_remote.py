@@ -145,7 +145,7 @@ def test_a_directory_remote_that_cannot_be_one_is_refused(tmp_path):
 def test_a_push_to_a_file_is_refused_not_retried(trained, tmp_path):
     from prefect.states import Failed
 
-    from flows.training import retry_push
+    from tasks.entry import should_retry
 
     repo, _, _ = trained
     blocker = tmp_path / "store"
@@ -153,14 +153,14 @@ def test_a_push_to_a_file_is_refused_not_retried(trained, tmp_path):
     with pytest.raises(RemoteRefused) as err:
         push(DataRemoteConfig(url=str(blocker)), repo)
     assert str(err.value) == f"dvc push refused: DVC remote storage ({blocker}): {blocker} is a file; expected a directory"
-    assert retry_push(None, None, Failed(data=err.value)) is False
-    assert retry_push(None, None, Failed(data=DataRemoteError("dvc push failed: timeout"))) is True
+    assert should_retry(None, None, Failed(data=err.value)) is False
+    assert should_retry(None, None, Failed(data=DataRemoteError("dvc push failed: timeout"))) is True
 
 
 def test_an_endpoint_that_does_not_answer_may_answer_a_retry(monkeypatch):
     import socket
 
-    from flows.training import retry_push
+    from tasks.entry import should_retry
     from prefect.states import Failed
 
     for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
@@ -172,4 +172,4 @@ def test_an_endpoint_that_does_not_answer_may_answer_a_retry(monkeypatch):
         check_remote(DataRemoteConfig(url="s3://team-data/dvc", endpoint_url=endpoint))
     assert not isinstance(err.value, RemoteRefused)
     assert str(err.value) == f"DVC remote storage bucket team-data: cannot reach the S3 endpoint {endpoint}"
-    assert retry_push(None, None, Failed(data=err.value)) is True
+    assert should_retry(None, None, Failed(data=err.value)) is True
