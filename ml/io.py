@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,20 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _scratch_name(path: Path, kind: str) -> Path:
+    """A hidden name beside ``path`` (``.model.json.3f2a9c1b7e4d.tmp``): leftovers of a crash are
+    recognisable by their dot and ``kind``."""
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.{kind}"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Calls ``write(tmp)`` on a temporary file beside ``path``, then renames it into place."""
+    """Calls ``write(tmp)`` on a temporary file beside ``path``, then renames it into place. The
+    file gets the permissions of any new file under the process's umask (tempfile's 0600 would
+    leave reports readable by their writer alone)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _scratch_name(path, "tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -47,12 +55,14 @@ def replace_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
     """Builds a directory with ``fill(tmpdir)`` and swaps it in for ``path`` only if that succeeded."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = _scratch_name(path, "new")
+    tmp.mkdir(0o777)  # the umask applies, as to any new directory
     try:
         fill(tmp)
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            old = _scratch_name(path, "old")
+            old.mkdir()
             os.replace(path, old / path.name)
         os.replace(tmp, path)
         if old is not None:
