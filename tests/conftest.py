@@ -53,6 +53,21 @@ def write_settings(directory: Path, **sections: dict) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def mlflow_uri_environment():
+    """``mlflow.set_tracking_uri``/``set_registry_uri`` (the stages call them in-process) also set
+    MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI in the environment, which every process a later test
+    starts would inherit: a registration would then land in another test's store."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def approval_keys(tmp_path_factory):
     """Approvals made by tests (and the processes they start) sign with a key of the test session,
