@@ -11,13 +11,18 @@ from pathlib import Path
 from typing import Any
 
 
-def fsync_dir(path: str | Path) -> None:
-    """Makes a rename inside ``path`` durable."""
+def fsync_path(path: str | Path) -> None:
+    """Flushes a file's (or a directory's) contents to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Makes a rename inside ``path`` durable."""
+    fsync_path(path)
 
 
 def _scratch_name(path: Path, kind: str) -> Path:

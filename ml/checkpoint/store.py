@@ -36,9 +36,9 @@ from ml.checkpoint.checksums import (
     is_checksum_hex,
     new_digest,
 )
-from ml.checkpoint.writers import IdleThreads, IOTimes, fsync_file, write_durably
+from ml.checkpoint.writers import IdleThreads, IOTimes, write_durably
 from ml.errors import PipelineError
-from ml.io import atomic_write, fsync_dir
+from ml.io import atomic_write, fsync_dir, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def commit_checkpoint(tier_root: Path, name: str, writers: Mapping[str, Callable
             entry = writers[fname](tmp / fname)
             if entry is None:
                 started = time.perf_counter()
-                fsync_file(tmp / fname)
+                fsync_path(tmp / fname)
                 times.add("fsync_s", time.perf_counter() - started)
                 started = time.perf_counter()
                 size, digest = file_digest(tmp / fname)

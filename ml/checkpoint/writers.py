@@ -30,7 +30,7 @@ from ml.checkpoint.checksums import new_digest
 if TYPE_CHECKING:
     from ml.checkpoint.snapshot import FileImage
 
-__all__ = ["IOTimes", "IdleThreads", "bytes_writer", "fsync_file", "write_durably", "write_image", "write_zstd",
+__all__ = ["IOTimes", "IdleThreads", "bytes_writer", "write_durably", "write_image", "write_zstd",
            "yield_cpu"]
 
 logger = logging.getLogger(__name__)
@@ -109,14 +109,6 @@ class IOTimes:
     def add(self, what: str, seconds: float) -> None:
         with self._lock:
             setattr(self, what, getattr(self, what) + seconds)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_durably(path: Path, data: bytes) -> None:
