@@ -53,6 +53,17 @@ def write_settings(directory: Path, **sections: dict) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """An MLflow SQLite file with its schema created once per session (the migrations take
+    seconds); tests copy it to get a store of their own."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture(autouse=True)
 def mlflow_uri_environment():
     """``mlflow.set_tracking_uri``/``set_registry_uri`` (the stages call them in-process) also set

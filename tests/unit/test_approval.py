@@ -83,16 +83,6 @@ def test_champion_challenger_gate(challenger, champion, delta, ok):
 
 # -- the registry side, on a real embedded SQLite store -------------------------------------------------
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An MLflow SQLite file with its schema created once (the migrations take seconds)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def registry(tmp_path, empty_store, monkeypatch):
     """Three versions of "m" with their own small weights file, from runs alice authored; the

@@ -60,16 +60,6 @@ def test_a_version_without_a_release_passes_and_one_with_another_digest_is_refus
 
 # -- on the embedded store ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An MLflow SQLite file with its schema created once (the migrations take seconds)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 def small_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(len(FEATURES), 8), torch.nn.ReLU(), torch.nn.Linear(8, len(CLASSES)))

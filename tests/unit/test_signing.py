@@ -154,16 +154,6 @@ def test_the_digest_covers_every_file_and_its_path(tmp_path):
 
 # -- on the embedded store ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An MLflow SQLite file with its schema created once (the migrations take seconds)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def registry(tmp_path, config, empty_store):
     """Three versions of "m" with their own weights, from runs alice authored; v1 approved and champion."""
