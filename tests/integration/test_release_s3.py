@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_releases import MODEL, empty_store, registry  # noqa: F401 - fixtures
+from tests.unit.test_releases import MODEL, registry  # noqa: F401 - fixtures
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
