@@ -22,12 +22,14 @@ install: $(STAMP)
 run: install
 	$(BIN)/python -m flows.training
 
-## the whole test suite (unit, integration with real servers on loopback, e2e)
+## the whole test suite (unit, integration with real servers on loopback, e2e), on TEST_WORKERS
+## pytest-xdist workers (each module stays on one worker, so its fixtures are made once)
+TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 test-fast: install lint
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow"
 
 ## the layering contracts of pyproject.toml [tool.importlinter]
 lint: install

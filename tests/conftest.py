@@ -94,6 +94,20 @@ def approval_keys(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prefect_home(tmp_path_factory):
+    """Flows a test runs (in-process or in the processes it starts) keep Prefect's state in a home
+    of the session's own, never in the user's ~/.prefect; each pytest-xdist worker has its own, so
+    two workers never contend for one ephemeral-server database."""
+    saved = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    yield
+    if saved is None:
+        os.environ.pop("PREFECT_HOME", None)
+    else:
+        os.environ["PREFECT_HOME"] = saved
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API for every flow test of the session (starting one takes ~10 s on
