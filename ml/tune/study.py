@@ -253,14 +253,19 @@ class StudyOutcome:
                 "trial_states": self.states}
 
 
-def run_study(study: Any, ctx: StudyContext, study_run: Any) -> StudyOutcome:
+def run_study(study: Any, ctx: StudyContext, study_run: Any,
+              optimize: Callable[[Any, StudyContext], None] | None = None) -> StudyOutcome:
     """Runs ``tune.n_trials`` more trials (or until ``tune.timeout_s``), then records the best trial,
-    the trial counts and Optuna's plots on ``study_run``."""
+    the trial counts and Optuna's plots on ``study_run``. ``optimize(study, ctx)`` runs the trials
+    elsewhere (:meth:`ml.tune.workers.WorkerPool.optimize`: in worker processes); by default they run here."""
     import optuna
 
     tune = ctx.params.tune
     before = {t.number for t in study.get_trials(deepcopy=False)}
-    study.optimize(lambda trial: run_trial(trial, ctx), n_trials=tune.n_trials, timeout=tune.timeout_s)
+    if optimize is not None:
+        optimize(study, ctx)
+    else:
+        study.optimize(lambda trial: run_trial(trial, ctx), n_trials=tune.n_trials, timeout=tune.timeout_s)
     trials = study.get_trials(deepcopy=False)
     states = dict(Counter(t.state.name for t in trials))
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
