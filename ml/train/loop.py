@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ml.tracking.base import NullTracker, Tracker
+from ml.train.batches import BatchSource, MemoryBatches
 from ml.train.divergence import TrainingDiverged
 from ml.train.step import StepOutput, train_step
 
@@ -177,12 +178,12 @@ def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train: tuple[torch.Tensor, torch.Tensor],
+    train: BatchSource | tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     *,
     epochs: int,
-    batch_size: int,
-    generator: torch.Generator,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
     tracker: Tracker | None = None,
     hooks: Sequence[Callback] = (),
     state: LoopState | None = None,
@@ -196,6 +197,10 @@ def fit(
     max_skipped_steps: int | None = None,
 ) -> LoopState:
     """Trains for ``epochs``; continues from ``state`` (possibly mid-epoch) when one is given.
+
+    ``train`` is a batch source (:mod:`ml.train.batches`), or whole-split tensors on the training
+    device, which it draws from as :class:`ml.train.batches.MemoryBatches` with ``batch_size`` and
+    ``generator``. The source's position and shuffle state are kept in ``state`` after every step.
 
     Every step logs ``train/step_ms``, ``train/samples_per_s`` and ``train/data_wait_ms``; every
     ``log_every_steps`` steps (and at each epoch's end) the ``train/loss`` and ``train/grad_norm`` of
@@ -222,31 +227,27 @@ def fit(
     tracker = tracker or NullTracker()
     log = tracker.log_metric
     state = state or LoopState()
-    x_train, y_train = train
-    n = len(x_train)
-    per_epoch = batches_per_epoch(n, batch_size)
-    clock = _StepClock(x_train.device)
-    state.unlogged = [(s, e, v.to(x_train.device)) for s, e, v in state.unlogged]
+    source = _as_source(train, batch_size, generator)
+    source.load_state_dict({"position": state.batch_in_epoch, "epoch_generator_state": state.epoch_generator_state})
+    per_epoch = len(source)
+    device = source.device
+    clock = _StepClock(device)
+    state.unlogged = [(s, e, v.to(device)) for s, e, v in state.unlogged]
     for hook in hooks:
         hook.on_train_start(state)
     while state.epoch < epochs and not state.stop:
         if state.batch_in_epoch == 0:
-            state.epoch_generator_state = generator.get_state()
             state.epoch_sums = None
-        else:  # resuming mid-epoch: draw the same permutation the interrupted epoch used
-            generator.set_state(state.epoch_generator_state)
         if state.epoch_sums is None:
             state.epoch_sums = torch.zeros(3, dtype=torch.float64)
-        sums = state.epoch_sums = state.epoch_sums.to(device=x_train.device, dtype=torch.float64)
-        order = torch.randperm(n, generator=generator)
+        sums = state.epoch_sums = state.epoch_sums.to(device=device, dtype=torch.float64)
+        batches = iter(source)   # a new epoch draws its shuffle; a resumed one draws the same again
+        state.epoch_generator_state = source.state_dict()["epoch_generator_state"]
         model.train()
         for b in range(state.batch_in_epoch, per_epoch, accumulate_steps):
             end = min(b + accumulate_steps, per_epoch)
             clock.begin()
-            micro_batches = []
-            for i in range(b, end):
-                idx = order[i * batch_size:(i + 1) * batch_size]
-                micro_batches.append((x_train[idx], y_train[idx]))
+            micro_batches = [next(batches) for _ in range(b, end)]
             clock.data_ready()
             lr = optimizer.param_groups[0]["lr"]
             out = train_step(model, optimizer, micro_batches, autocast=autocast, scaler=scaler,
@@ -296,6 +297,15 @@ def fit(
     return state
 
 
+def _as_source(train: BatchSource | tuple[torch.Tensor, torch.Tensor], batch_size: int | None,
+               generator: torch.Generator | None) -> BatchSource:
+    if not isinstance(train, tuple):
+        return train
+    if batch_size is None or generator is None:
+        raise ValueError("fit: whole-split tensors need batch_size and generator (or pass a batch source)")
+    return MemoryBatches(*train, batch_size, generator)
+
+
 def _count_skips(state: LoopState, out: StepOutput, tracker: Tracker, max_skipped_steps: int | None) -> None:
     """Counts and logs a skipped or overflowed step; raises once ``max_skipped_steps`` in a row
     were skipped."""
@@ -339,7 +349,7 @@ def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {prefix + k: v for k, v in metrics.items()}
 
 
-def record_stop(model: nn.Module, state: LoopState, train: tuple[torch.Tensor, torch.Tensor],
+def record_stop(model: nn.Module, state: LoopState, train: BatchSource | tuple[torch.Tensor, torch.Tensor],
                 val: tuple[torch.Tensor, torch.Tensor], batch_size: int, tracker: Tracker | None = None, *,
                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
     """After a stop mid-epoch: the partial epoch's running train means and the model evaluated on
@@ -349,7 +359,8 @@ def record_stop(model: nn.Module, state: LoopState, train: tuple[torch.Tensor, t
         return
     sums = state.epoch_sums if state.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)
     metrics = {**_train_means(sums), **_prefixed(evaluate_split(model, *val, autocast=autocast), "val_")}
-    epoch = state.epoch + state.batch_in_epoch / batches_per_epoch(len(train[0]), batch_size)
+    per_epoch = batches_per_epoch(len(train[0]), batch_size) if isinstance(train, tuple) else len(train)
+    epoch = state.epoch + state.batch_in_epoch / per_epoch
     state.history.append({"epoch": round(epoch, 4), "step": state.global_step, **metrics})
     (tracker or NullTracker()).log_metrics(metrics, step=state.epoch + 1)
 
