@@ -14,7 +14,9 @@ offline analysis of a logged history.
 :class:`AnomalyMonitor` is a :class:`ml.train.loop.Callback` built from :class:`ml.config.AnomalyConfig`:
 it runs the detectors over every step's loss and gradient norm as the loop logs them, keeps
 every event, tags the run (``anomaly.<kind>`` = first step, ``anomalies`` = count), warns on the
-console at most once per kind per epoch, sets ``state.stop`` when ``action == "stop"``, and at
+console at most once per kind per epoch, sets ``state.stop`` when ``action == "stop"``, raises
+:class:`ml.train.rollback.LossSpikeRollback` on a loss spike when ``action == "rollback"`` (the
+train stage rolls back to the newest training checkpoint before the spike began), and at
 :meth:`AnomalyMonitor.close` logs all events as the JSON-lines artifact ``events/anomalies.jsonl``.
 
 A metric that stops improving is not an anomaly here: that is early stopping's business
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ml.train.loop import Callback
+from ml.train.rollback import LossSpikeRollback
 
 if TYPE_CHECKING:
     from ml.config import AnomalyConfig
@@ -204,7 +207,8 @@ class AnomalyMonitor(Callback):
     """A :class:`ml.train.loop.Callback` that watches every step's loss and gradient norm.
 
     Args:
-        cfg: What counts as an anomaly and what to do (``action``: ``"warn"`` or ``"stop"``).
+        cfg: What counts as an anomaly and what to do (``action``: ``"warn"``, ``"stop"`` or
+            ``"rollback"``).
         tracker: Receives the tags as events happen and the events artifact at :meth:`close`.
         logger: Where console warnings go.
 
@@ -221,8 +225,8 @@ class AnomalyMonitor(Callback):
 
     def __init__(self, cfg: AnomalyConfig, tracker: Tracker | None = None, *,
                  logger: logging.Logger | None = None) -> None:
-        if cfg.action not in ("warn", "stop"):
-            raise ValueError(f"action: expected one of warn, stop, got {cfg.action!r}")
+        if cfg.action not in ("warn", "stop", "rollback"):
+            raise ValueError(f"action: expected one of warn, stop, rollback, got {cfg.action!r}")
         self.cfg = cfg
         self.tracker = tracker
         self.logger = logger or _logger
@@ -261,6 +265,8 @@ class AnomalyMonitor(Callback):
             self._set_tags({f"anomaly.{event.kind}": event.step, "anomalies": len(self.events)})
             self._count_tagged = len(self.events)
         self._warn(event)
+        if self.cfg.action == "rollback" and event.kind == LOSS_SPIKE:
+            raise LossSpikeRollback(event.step, event.message)
         if self.cfg.action == "stop" and self.stopped_by is None:
             self.stopped_by = event
             state.stop = True

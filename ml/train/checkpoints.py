@@ -159,6 +159,11 @@ class CheckpointHook(Callback):
         if self.at_epoch_end:
             self._save(state, self._clock())
 
+    def save_now(self, state: LoopState) -> None:
+        """Saves a training checkpoint of ``state`` now, outside the schedule (after a rollback: so
+        the newest checkpoint is on the training's new path, for a resume and any later rollback)."""
+        self._save(state, self._clock())
+
     def _save(self, state: LoopState, now: float) -> None:
         snapshot = training_state(self.model, self.optimizer, loop=state.state_dict(), generator=self.generator,
                                   scheduler=self.scheduler, scaler=self.scaler,
@@ -170,13 +175,16 @@ class CheckpointHook(Callback):
 
 
 class MilestoneHook(Callback):
-    """Saves a milestone (the full training state) after an epoch whose monitored metric improved
-    on its best so far. ``monitor`` items are ``metric:mode`` (``val_loss:min``)."""
+    """Saves a milestone (the full training state, scheduler and GradScaler included, as in a
+    training checkpoint) after an epoch whose monitored metric improved on its best so far.
+    ``monitor`` items are ``metric:mode`` (``val_loss:min``)."""
 
     def __init__(self, manager: CheckpointManager, model: nn.Module, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator, monitor: Sequence[str], extra: Mapping[str, Any], run_id: str | None,
-                 callback_states: CallbackStates | None = None) -> None:
+                 callback_states: CallbackStates | None = None, *, scheduler: Any = None,
+                 scaler: Any = None) -> None:
         self.manager, self.model, self.optimizer, self.generator = manager, model, optimizer, generator
+        self.scheduler, self.scaler = scheduler, scaler
         self.extra, self.run_id, self._callback_states = extra, run_id, callback_states
         self.monitor = [tuple(item.split(":")) for item in monitor]
 
@@ -185,7 +193,7 @@ class MilestoneHook(Callback):
             if metric not in metrics:
                 continue
             snapshot = training_state(self.model, self.optimizer, loop=state.state_dict(), generator=self.generator,
-                                      extra=self.extra,
+                                      scheduler=self.scheduler, scaler=self.scaler, extra=self.extra,
                                       callbacks=self._callback_states() if self._callback_states else None)
             self.manager.save_milestone_checkpoint(snapshot, metric, metrics[metric], mode,
                                                    epoch=state.epoch, step=state.global_step, run_id=self.run_id,
