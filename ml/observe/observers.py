@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml.train.loop import Callback, LoopState, batches_per_epoch
+from ml.train.loop import Callback, LoopState
+from ml.train.schedule import optimizer_steps
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,11 @@ class Observers:
             hooks.append(self.histograms)
         self.monitor = AnomalyMonitor(self.params.anomaly, tracker)
         hooks.append(self.monitor)
-        total = train.epochs * batches_per_epoch(len(splits.y_train), train.batch_size)
+        total = optimizer_steps(len(splits.y_train), train.batch_size, train.accumulate_steps, train.epochs)
         console = getattr(tracker, "console", None)
         stream = console.original("stderr") if console is not None else None
-        self.progress = ProgressHook(total, tracking.progress, stream, batch_size=train.batch_size,
-                                     epochs=train.epochs)
+        self.progress = ProgressHook(total, tracking.progress, stream,
+                                     batch_size=train.batch_size * train.accumulate_steps, epochs=train.epochs)
         hooks.append(self.progress)
         if tracking.confusion_every_epoch:
             hooks.append(ConfusionPerEpoch(model, splits.x_val, splits.y_val, list(self.schema.classes), tracker,

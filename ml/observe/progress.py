@@ -31,11 +31,14 @@ class ProgressHook(Callback):
     """See the module docstring.
 
     Args:
-        total_steps: Optimizer steps of the whole run (``epochs * batches_per_epoch``), >= 1.
+        total_steps: Optimizer steps of the whole run, >= 1: under gradient accumulation each takes
+            ``accumulate_steps`` batches (:func:`ml.train.schedule.optimizer_steps`), as the loop's
+            ``global_step`` counts them.
         enabled: ``"auto"``, ``"on"`` or ``"off"``.
         stream: Where to draw (default ``sys.stderr`` at the first step); ignored when ``console`` is given.
         console: A ``rich.console.Console`` to draw on (its ``is_terminal`` decides ``"auto"``).
-        batch_size: Samples per step, for samples/s; without it the rate is steps/s.
+        batch_size: Samples per optimizer step (``batch_size * accumulate_steps``), for samples/s;
+            without it the rate is steps/s.
         epochs: Total epochs, shown as ``epoch 3/30``.
         epoch_metrics: Names from the epoch metrics shown after each epoch (default ``val_loss``).
         max_refresh_per_s: Most redraws per second.
