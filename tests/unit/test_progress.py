@@ -6,6 +6,7 @@ from rich.console import Console
 
 from ml.train.loop import LoopState, StepValues
 from ml.observe.progress import ProgressHook
+from tests.unit.test_rollback import processed  # noqa: F401 - a fixture
 
 
 class FakeClock:
@@ -120,3 +121,27 @@ def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as info:
         ProgressHook(**kwargs)
     assert str(info.value) == message
+
+
+def test_the_stage_bar_counts_optimizer_steps_under_accumulation(processed, tmp_path):  # noqa: F811
+    """The train stage's bar (built by Observers) ends at its total: optimizer steps, each of
+    accumulate_steps batches (the last of an epoch shorter)."""
+    from ml.config import load_params
+    from ml.data.prepare import Schema
+    from ml.observe.observers import Observers
+    from ml.settings import TrackingConfig
+    from ml.train.stage import train
+    from tests.conftest import small_params, write_params
+    from tests.unit.test_rollback import PER_EPOCH, Recorder, train_config
+
+    cfg = train_config(tmp_path, accumulate_steps=3, epochs=2)
+    params = load_params(write_params(tmp_path, small_params(train={"accumulate_steps": 3, "epochs": 2,
+                                                                    "batch_size": cfg.batch_size})))
+    tracker = Recorder()
+    observers = Observers(params, tracker, Schema.read(processed), TrackingConfig(progress="off",
+                                                                                   histogram_every_steps=None))
+    try:
+        result = train(cfg, processed, tracker, hook_factory=observers.hooks)
+    finally:
+        observers.close()
+    assert observers.progress.total_steps == result.state.global_step == 2 * -(-PER_EPOCH // 3)
