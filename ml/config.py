@@ -112,6 +112,23 @@ class DriftConfig(Section):
         return self
 
 
+class MemoryGuardConfig(Section):
+    """train.memory: the memory guard (ml.train.memory). Limits are fractions of the machine's
+    memory: physical RAM for the process's RSS on the CPU, the device's memory for what torch has
+    reserved on CUDA."""
+
+    check_every_steps: Int | None = Field(50, gt=0, description="optimizer steps between memory samples (RSS, system memory; CUDA allocated/reserved/peak), logged as metrics, or null: no guard")
+    soft_limit: Float = Field(0.85, gt=0, le=1, description="a fraction in (0, 1] of memory above which the guard collects garbage (and empties the CUDA cache), logged as an event")
+    hard_limit: Float = Field(0.95, gt=0, le=1, description="a fraction in (0, 1] of memory above which (or on a CUDA out-of-memory error) the micro-batch is halved and the micro-batches per step doubled, the same samples per optimizer step")
+
+    @model_validator(mode="after")
+    def _limits(self) -> MemoryGuardConfig:
+        if self.soft_limit > self.hard_limit:
+            raise ValueError(f"train.memory.soft_limit: expected a value <= train.memory.hard_limit, "
+                             f"got {self.soft_limit:g} > {self.hard_limit:g}")
+        return self
+
+
 class TrainConfig(Section):
     """train: the model, the optimizer and the loop."""
 
@@ -143,6 +160,13 @@ class TrainConfig(Section):
     compile: Annotated[Literal["off", "default", "reduce-overhead", "max-autotune"] | None, YamlOff] = Field(None, description="torch.compile mode of the training forward (a failure falls back to eager, recorded); null: from optimize")
     memory_format: Literal["contiguous", "channels_last"] | None = Field(None, description="memory format of a convolutional model's weights and images; null: from optimize")
     activation_checkpointing: bool | None = Field(None, description="recompute the activations of the model's blocks in backward (cnn, vit, a factory module's blocks marked activation_checkpoint_block); null: from optimize")
+    loader: Literal["memory", "dataloader", "auto"] = Field("auto", description="where batches come from: memory (the whole split as tensors on the device, a seeded permutation), dataloader (a torch DataLoader streaming the Parquet split's row groups, for splits larger than memory), auto (memory when the split fits memory_budget)")
+    memory_budget: Float = Field(0.5, gt=0, le=1, description="a fraction in (0, 1] of the available memory (RAM on the CPU, free device memory on CUDA) that a split held whole may take: loader auto takes memory within it, dataloader beyond")
+    num_workers: Int = Field(2, ge=0, description="worker processes the dataloader reads row groups in, >= 0 (0: in the training process; more than the cores available: that many, with a warning)")
+    pin_memory: bool = Field(True, description="dataloader: batches in page-locked memory for asynchronous copies to a CUDA device (ignored on the CPU)")
+    persistent_workers: bool = Field(True, description="dataloader: workers stay alive between epochs")
+    prefetch_factor: Int = Field(2, gt=0, description="batches each dataloader worker reads ahead, >= 1")
+    memory: MemoryGuardConfig = Field(default_factory=MemoryGuardConfig, description="the memory guard: sampling interval and soft/hard limits")
 
     @model_validator(mode="after")
     def _model(self) -> TrainConfig:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from ml.tracking.base import NullTracker, Tracker
 from ml.train.batches import BatchSource, MemoryBatches
 from ml.train.divergence import TrainingDiverged
 from ml.train.step import StepOutput, train_step
+
+if TYPE_CHECKING:
+    from ml.train.memory import MemoryGuard
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +198,7 @@ def fit(
     clip_grad_norm: float | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     max_skipped_steps: int | None = None,
+    memory_guard: MemoryGuard | None = None,
 ) -> LoopState:
     """Trains for ``epochs``; continues from ``state`` (possibly mid-epoch) when one is given.
 
@@ -219,6 +223,8 @@ def fit(
     gradients, see :func:`ml.train.step.train_step`) trains nothing and is left out of the epoch's
     running means; it logs ``train/skipped_steps`` (fp16 overflows: ``train/overflow_steps``), and
     ``max_skipped_steps`` of them in a row raise :class:`ml.train.divergence.TrainingDiverged`.
+    ``memory_guard`` (:class:`ml.train.memory.MemoryGuard`) runs each step, on smaller micro-batches
+    when memory runs short; pass it in ``hooks`` too for its state and events.
     """
     if log_every_steps < 1:
         raise ValueError(f"log_every_steps: expected an integer >= 1, got {log_every_steps!r}")
@@ -233,6 +239,11 @@ def fit(
     device = source.device
     clock = _StepClock(device)
     state.unlogged = [(s, e, v.to(device)) for s, e, v in state.unlogged]
+
+    def one_step(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepOutput:
+        return train_step(model, optimizer, micro_batches, autocast=autocast, scaler=scaler,
+                          clip_grad_norm=clip_grad_norm)
+
     for hook in hooks:
         hook.on_train_start(state)
     while state.epoch < epochs and not state.stop:
@@ -250,8 +261,8 @@ def fit(
             micro_batches = [next(batches) for _ in range(b, end)]
             clock.data_ready()
             lr = optimizer.param_groups[0]["lr"]
-            out = train_step(model, optimizer, micro_batches, autocast=autocast, scaler=scaler,
-                             clip_grad_norm=clip_grad_norm)
+            out = (one_step(micro_batches) if memory_guard is None
+                   else memory_guard.run_step(one_step, micro_batches, state.global_step + 1))
             if scheduler is not None:
                 scheduler.step()
             data_s, compute_s, wall_s = clock.end()
