@@ -8,6 +8,8 @@ Presets:
     advanced: basic + bf16 autocast (fp16 on a GPU without bf16), ``torch.compile`` default,
         channels_last for the cnn, TF32 matmuls on CUDA.
     max: advanced + ``max-autotune`` and activation checkpointing.
+    auto: precision, compile and memory format measured on the job (:mod:`ml.train.autotune`);
+        :func:`resolve_speed` gives the switches it starts from: ``off``'s, with the explicit keys.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def fast_bf16(device: torch.device) -> bool:
 
 def resolve_speed(cfg: Any, device: torch.device) -> SpeedSettings:
     """The switches for the TrainConfig ``cfg`` on ``device``: the preset's, each overridden by an
-    explicit (non-null) key. Raises ConfigError (one line) for fp16 on the CPU."""
-    level = ("off", "basic", "advanced", "max").index(cfg.optimize)
+    explicit (non-null) key (``auto``: ``off``'s, which the autotuner's choice then completes).
+    Raises ConfigError (one line) for fp16 on the CPU."""
+    level = 0 if cfg.optimize == "auto" else ("off", "basic", "advanced", "max").index(cfg.optimize)
     cuda = device.type == "cuda"
     preset_precision = "fp32"
     if level >= 2:
