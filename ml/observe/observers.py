@@ -1,7 +1,11 @@
 """The training observers the train stage attaches to the loop, from params and the tracking
-settings (:class:`ml.settings.TrackingConfig`): weight/gradient
+settings (:class:`ml.settings.TrackingConfig`): live TensorBoard scalars and weight/gradient
 histograms, the anomaly monitor, the progress bar, per-epoch validation confusion matrices, and the
 end-of-run summary report.
+
+TensorBoard: one writer into ``<tmp>/mlops-tensorboard/<run id>`` (:func:`ml.observe.tensorboard.tensorboard_root`),
+flushed every few seconds while the run trains; at the end its directory is logged under the
+run's ``histograms/`` artifacts and removed.
 
     observers = Observers(params, tracker, schema, settings.tracking)
     result = train(..., hook_factory=observers.hooks)
@@ -60,22 +64,28 @@ class Observers:
         self.params, self.tracker, self.schema, self.tracking = params, tracker, schema, tracking
         self.workdir = Path(tempfile.mkdtemp(prefix="mlops-observers-"))
         self.histograms: Any = None
+        self.tensorboard_dir: Path | None = None
+        self.tensorboard_writer: Any = None
         self.monitor: Any = None
         self.progress: Any = None
         self._closed = False
 
     def hooks(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, splits: Any) -> list[Any]:
         from ml.observe.anomaly import AnomalyMonitor
-        from ml.observe.histograms import HistogramHook
         from ml.observe.progress import ProgressHook
+        from ml.observe.tensorboard import SharedWriterHistograms, TrainingScalars
 
         tracking, train = self.tracking, self.params.train
         tracker = self.tracker
         hooks: list[Any] = []
+        writer = self._tensorboard()
         if tracking.histogram_every_steps:
-            self.histograms = HistogramHook(model, self.workdir / "tensorboard", tracking.histogram_every_steps,
-                                            tracker=tracker, artifact_path="histograms")
+            self.histograms = SharedWriterHistograms(writer, model, self.tensorboard_dir,
+                                                     tracking.histogram_every_steps, tracker=tracker,
+                                                     artifact_path="histograms")
             hooks.append(self.histograms)
+        cuda = any(p.is_cuda for p in model.parameters())
+        hooks.append(TrainingScalars(writer, optimizer, cuda=cuda))
         self.monitor = AnomalyMonitor(self.params.anomaly, tracker)
         hooks.append(self.monitor)
         total = optimizer_steps(len(splits.y_train), train.batch_size, train.accumulate_steps, train.epochs)
@@ -89,8 +99,21 @@ class Observers:
                                            self.workdir))
         return hooks
 
+    def _tensorboard(self) -> Any:
+        """The run's one TensorBoard writer, opened on first use; says where it writes."""
+        from ml.observe.tensorboard import open_writer, tensorboard_root
+
+        if self.tensorboard_writer is None:
+            run = getattr(self.tracker, "run_id", None) or self.workdir.name
+            self.tensorboard_dir = tensorboard_root() / run
+            self.tensorboard_writer = open_writer(self.tensorboard_dir)
+            logger.info("train: TensorBoard: tensorboard --logdir %s", self.tensorboard_dir)
+            print(f"train: TensorBoard while training: tensorboard --logdir {self.tensorboard_dir}", flush=True)
+        return self.tensorboard_writer
+
     def close(self) -> None:
-        """Ends the progress bar, logs anomaly events and histograms. Safe to call again."""
+        """Ends the progress bar, logs anomaly events, and the TensorBoard directory (scalars and
+        histograms). Safe to call again."""
         if self._closed:
             return
         self._closed = True
@@ -101,6 +124,16 @@ class Observers:
                 observer.close()
             except Exception:  # noqa: BLE001 - one observer's failure must not hide the others' output
                 logger.exception("closing %s failed", type(observer).__name__)
+        if self.tensorboard_writer is not None and self.histograms is None:  # else the histograms logged it
+            from ml.observe.tensorboard import log_directory
+
+            self.tensorboard_writer.close()
+            try:
+                log_directory(self.tracker, self.tensorboard_dir, "histograms")
+            except Exception:  # noqa: BLE001 - as above
+                logger.exception("logging the TensorBoard directory failed")
+        if self.tensorboard_dir is not None:
+            shutil.rmtree(self.tensorboard_dir, ignore_errors=True)
 
     def finish(self, result: Any) -> str:
         """Logs ``summary.md`` and the step-timing summary metrics; returns the report."""
