@@ -283,9 +283,13 @@ class TuneConfig(Section):
     n_trials: Int = Field(gt=0, description="trials each invocation runs; a study found in storage resumes and grows by this many")
     timeout_s: Float | None = Field(gt=0, description="seconds after which no new trial starts, or null for no limit")
     seed: Int = Field(ge=0, description="seed of the TPE sampler")
-    metric: Literal["val_accuracy", "val_loss"] = Field(description="validation metric a trial is scored by, at its last epoch")
+    metric: Literal["val_accuracy", "val_loss"] = Field(description="validation metric a trial is scored by, at its last epoch (single-objective study: tune.objectives null)")
     direction: Literal["maximize", "minimize"] = Field(description="whether the study maximizes or minimizes the metric")
-    pruner: Literal["median", "none"] = Field(description="stops unpromising trials early")
+    objectives: list[str] | None = Field(None, description="null for a single-objective study on tune.metric, or two or more of val_accuracy, val_loss, latency_ms, param_count, model_size_mb, each as name:max or name:min (NSGA-II, no pruning)")
+    select: str | None = Field(None, description="which Pareto trial is adopted: max|min <objective> [where <objective> <op> <number> [and ...]]; null: the first objective's best")
+    latency_batch_size: Int = Field(1, gt=0, description="rows of the one request whose prediction time is latency_ms")
+    report_dir: NonEmpty = Field("reports/study", description="directory of the study's plots and trial table")
+    pruner: Literal["median", "none"] = Field(description="stops unpromising trials early (single-objective studies only)")
     pruner_warmup_epochs: Int = Field(ge=0, description="epochs a trial runs before it may be pruned")
     pruner_startup_trials: Int = Field(ge=0, description="trials that complete before any is pruned")
     storage: str = Field(pattern=r"^[^:/]+://", description="an Optuna RDB URL such as sqlite:///optuna.db or postgresql://host/db")
@@ -302,12 +306,21 @@ class TuneConfig(Section):
             raise ValueError(f"tune.direction: expected {expected} for tune.metric {self.metric}, got {self.direction!r}")
         for name, spec in self.space.items():
             _search_param(str(name), spec)
+        if self.objectives is None and self.select is not None:
+            raise ValueError(f"tune.select: expected null without tune.objectives (a single-objective study adopts "
+                             f"its best trial), got {self.select!r}")
         return self
 
     @property
     def search_space(self) -> tuple[SearchParam, ...]:
         """``space`` as checked search dimensions, in the order params.yaml lists them."""
         return tuple(_search_param(str(name), spec) for name, spec in self.space.items())
+
+    @property
+    def multi_objective(self) -> bool:
+        """Whether the study has ``objectives`` (checked, with ``select``, by :mod:`ml.tune.objectives`
+        when the study opens: this module imports nothing of ml.tune, which no other stage depends on)."""
+        return self.objectives is not None
 
 
 # `validate` and `register` are section names that also name (deprecated) BaseModel/ABCMeta

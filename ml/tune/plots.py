@@ -131,12 +131,11 @@ def _pareto_front(study: Any, names: list[str], adopted: int | None) -> Any:
     from optuna.visualization import matplotlib as plots
 
     ax = plots.plot_pareto_front(study, target_names=names)
-    if adopted is not None and len(names) == 2:
-        trial = next((t for t in study.best_trials if t.number == adopted), None)
-        if trial is not None:
-            ax.scatter([trial.values[0]], [trial.values[1]], marker="*", s=260, facecolors="none",
-                       edgecolors="tab:red", linewidths=1.5, zorder=5, label=f"adopted: trial {adopted}")
-            ax.legend(loc="best")
+    trial = next((t for t in study.best_trials if t.number == adopted), None)
+    if trial is not None:  # a 3-objective front is a 3D axes: the marker takes all three values
+        ax.scatter(*([v] for v in trial.values), marker="*", s=260, facecolors="none", edgecolors="tab:red",
+                   linewidths=1.5, zorder=5, label=f"adopted: trial {adopted}")
+        ax.legend(loc="best")
     return ax
 
 

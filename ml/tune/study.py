@@ -30,6 +30,8 @@ from ml.config import Params, SearchParam, TrainConfig, TuneConfig, flatten
 from ml.errors import ConfigError, PipelineError
 from ml.io import atomic_write_json, replace_dir
 from ml.train.loop import Callback
+from ml.tune.objectives import adopted_trial, measure, objectives_of, select_rule
+from ml.tune.plots import write_study_report
 
 if TYPE_CHECKING:
     import numpy as np
@@ -138,26 +140,35 @@ def redacted_storage(url: str) -> str:
 def open_study(cfg: TuneConfig) -> Any:
     """Creates the study in ``cfg.storage`` or resumes it (``load_if_exists``).
 
-    The TPE sampler's seed is ``cfg.seed`` plus the trials the study already has, so a resumed study
-    goes on deterministically instead of drawing its first random configurations again.
+    The sampler's seed is ``cfg.seed`` plus the trials the study already has, so a resumed study
+    goes on deterministically instead of drawing its first random configurations again. A study
+    with ``tune.objectives`` samples with NSGA-II and prunes nothing (Optuna prunes single-objective
+    studies only).
     """
     import optuna
 
+    directions = [o.optuna_direction for o in objectives_of(cfg)]
+    select_rule(cfg)  # a bad rule fails here, before the storage is touched or any trial runs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
         storage = optuna.storages.RDBStorage(cfg.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-    if cfg.pruner == "median":
+    if cfg.pruner == "median" and not cfg.multi_objective:
         pruner: Any = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                                   n_warmup_steps=cfg.pruner_warmup_epochs)
     else:
         pruner = optuna.pruners.NopPruner()
-    study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction=cfg.direction,
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=directions,
                                 pruner=pruner, load_if_exists=True)
-    existing = study.direction.name.lower()
-    if existing != cfg.direction:
+    existing = [d.name.lower() for d in study.directions]
+    if existing != directions and len(existing) == len(directions) == 1:
         raise ConfigError(f"tune.direction: study {cfg.study_name} in {redacted_storage(cfg.storage)} "
-                          f"{existing}s; expected {existing} or another tune.study_name, got {cfg.direction!r}")
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.get_trials(deepcopy=False)))
+                          f"{existing[0]}s; expected {existing[0]} or another tune.study_name, got {cfg.direction!r}")
+    if existing != directions:
+        raise ConfigError(f"tune.objectives: study {cfg.study_name} in {redacted_storage(cfg.storage)} has objectives "
+                          f"{', '.join(existing)}; expected those or another tune.study_name, got {', '.join(directions)}")
+    seed = cfg.seed + len(study.get_trials(deepcopy=False))
+    study.sampler = (optuna.samplers.NSGAIISampler(seed=seed) if cfg.multi_objective
+                     else optuna.samplers.TPESampler(seed=seed))
     return study
 
 
@@ -179,8 +190,9 @@ class StudyContext:
     tracking: Any = None
 
 
-def run_trial(trial: Any, ctx: StudyContext) -> float:
-    """The objective: one training in a nested MLflow run; the metric at its last epoch."""
+def run_trial(trial: Any, ctx: StudyContext) -> float | list[float]:
+    """The objective: one training in a nested MLflow run; the metric at its last epoch, or the
+    values of ``tune.objectives`` in their order."""
     import optuna
 
     tune = ctx.params.tune
@@ -204,7 +216,7 @@ def run_trial(trial: Any, ctx: StudyContext) -> float:
         tracker.close(status)
 
 
-def _train_trial(trial: Any, cfg: TrainConfig, tracker: Any, ctx: StudyContext) -> float:
+def _train_trial(trial: Any, cfg: TrainConfig, tracker: Any, ctx: StudyContext) -> float | list[float]:
     from ml.train.stage import train
 
     tune, processed = ctx.params.tune, ctx.params.data.processed_dir
@@ -212,15 +224,20 @@ def _train_trial(trial: Any, cfg: TrainConfig, tracker: Any, ctx: StudyContext) 
                         "tune.study_name": tune.study_name, "tune.metric": tune.metric})
     tracker.log_dataset(ctx.train_frame, ctx.dataset, "training")
     hook = PruningHook(trial, tune.metric)
-    result = train(cfg, processed, tracker, [hook])
+    result = train(cfg, processed, tracker, [] if tune.multi_objective else [hook])
     tracker.log_artifact(cfg.metrics_file, METRICS_ARTIFACTS)
     if hook.pruned_at is not None:
         tracker.set_tags({STATE_TAG: "PRUNED", "pruned_after_epoch": hook.pruned_at})
         shutil.rmtree(cfg.model_dir, ignore_errors=True)  # a pruned trial's weights are never used
         hook.raise_if_pruned()
-    value = result.final_metrics[tune.metric]
-    if not math.isfinite(value):
-        tracker.set_tags({STATE_TAG: "FAIL", "error": f"{tune.metric} is {value}"})
+    values = measure(objectives_of(tune), result.final_metrics, result.model, cfg.model_dir, ctx.example,
+                     tune.latency_batch_size)
+    value = list(values.values()) if tune.multi_objective else values[tune.metric]
+    if tune.multi_objective:  # the measured ones (latency, size) beside the epoch metrics
+        tracker.log_metrics({k: v for k, v in values.items() if k not in result.final_metrics}, step=result.state.epoch)
+    if not all(math.isfinite(v) for v in values.values()):
+        tracker.set_tags({STATE_TAG: "FAIL", "error": ", ".join(f"{k} is {v}" for k, v in values.items()
+                                                                if not math.isfinite(v))})
         return value  # Optuna records a non-finite value as a failed trial
     model_uri = tracker.log_model(result.model, ctx.example)
     tracker.log_artifacts(cfg.model_dir, WEIGHTS_ARTIFACTS)
@@ -246,11 +263,12 @@ class StudyOutcome:
     best_summary: dict[str, Any]
     new_trials: list[int]
     states: dict[str, int]
+    best_values: dict[str, float] = field(default_factory=dict)  # every objective's value (best_value: the rule's)
 
     def to_dict(self) -> dict[str, Any]:
         return {"study": self.study_name, "best_trial": self.best_number, "best_value": self.best_value,
                 "best_params": self.best_params, "best_run_id": self.best_run_id, "new_trials": self.new_trials,
-                "trial_states": self.states}
+                "trial_states": self.states, "best_values": self.best_values}
 
 
 def run_study(study: Any, ctx: StudyContext, study_run: Any,
@@ -272,74 +290,36 @@ def run_study(study: Any, ctx: StudyContext, study_run: Any,
     if not complete:
         raise PipelineError(f"tune: no trial of study {tune.study_name} completed "
                             f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(states.items()))}); nothing to evaluate")
-    best = study.best_trial
+    best = adopted_trial(study, tune)
+    best_values = dict(zip((o.name for o in objectives_of(tune)), best.values))
     if SUMMARY_ATTR not in best.user_attrs:
         raise PipelineError(f"tune: best trial {best.number} of study {tune.study_name} has no trained model "
                             f"recorded (user attr {SUMMARY_ATTR}); use another tune.study_name")
-    outcome = StudyOutcome(tune.study_name, best.number, float(best.value), decode_params(tune.search_space, best.params),
+    outcome = StudyOutcome(tune.study_name, best.number, float(best_values[select_rule(tune).target]),
+                           decode_params(tune.search_space, best.params),
                            best.user_attrs[RUN_ID_ATTR], dict(best.user_attrs[SUMMARY_ATTR]),
-                           sorted(t.number for t in trials if t.number not in before), states)
+                           sorted(t.number for t in trials if t.number not in before), states, best_values)
     record_outcome(study, outcome, study_run, tune)
     return outcome
 
 
 def record_outcome(study: Any, outcome: StudyOutcome, study_run: Any, tune: TuneConfig) -> None:
-    """Best trial as tags and ``best.*`` params, trial counts as metrics, plots and the trial table
-    as artifacts under ``optuna/``."""
+    """Best (adopted) trial as tags and ``best.*`` params, trial counts and the adopted trial's
+    objective values as metrics, the study report (:func:`ml.tune.plots.write_study_report`) in
+    ``tune.report_dir`` and as artifacts under ``optuna/``."""
     study_run.set_tags({"best_trial_number": outcome.best_number, "best_trial_run_id": outcome.best_run_id,
                         "best_value": f"{outcome.best_value:.6g}", "new_trials": ",".join(map(str, outcome.new_trials))})
     study_run.log_params({f"best.{k}": v for k, v in outcome.best_params.items()})
     study_run.log_metrics({f"trials_{state.lower()}": float(n) for state, n in outcome.states.items()}, step=0)
-    study_run.log_metrics({f"best_{tune.metric}": outcome.best_value}, step=0)
-    workdir = Path(tempfile.mkdtemp(prefix="mlops-tune-"))
-    try:
-        for path in write_study_report(study, workdir, seed=tune.seed):
-            study_run.log_artifact(path, "optuna")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def write_study_report(study: Any, directory: Path, seed: int) -> list[Path]:
-    """Optuna's plots as PNG (optimization history, learning curves, and parameter importances once
-    two trials have completed), the importances as JSON and every trial as CSV."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization import matplotlib as plots
-
-    written = []
-    frame = study.trials_dataframe()
-    csv = directory / "trials.csv"
-    frame.to_csv(csv, index=False)
-    written.append(csv)
-    figures: list[tuple[str, Callable[[], Any]]] = [
-        ("optimization_history", lambda: plots.plot_optimization_history(study)),
-        ("intermediate_values", lambda: plots.plot_intermediate_values(study)),
-    ]
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) >= 2:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-        try:
-            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-        except (ValueError, RuntimeError) as exc:  # e.g. every completed trial drew the same values
-            logger.warning("tune: no parameter importances (%s)", exc)
-        else:
-            path = directory / "param_importances.json"
-            atomic_write_json(path, importances)
-            written.append(path)
-            figures.append(("param_importances",
-                            lambda: plots.plot_param_importances(study, evaluator=evaluator)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for name, plot in figures:
-            ax = plot()
-            path = directory / f"{name}.png"
-            ax.figure.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(ax.figure)
-            written.append(path)
-    return written
+    study_run.log_metrics({f"best_{k}": v for k, v in (outcome.best_values or {tune.metric: outcome.best_value}).items()},
+                          step=0)
+    if tune.multi_objective:
+        study_run.set_tags({"select_rule": str(select_rule(tune)),
+                            "pareto_trials": ",".join(str(t.number) for t in study.best_trials)})
+    names = [o.name for o in objectives_of(tune)]
+    for path in write_study_report(study, tune.report_dir, seed=tune.seed, objective_names=names,
+                                   adopted=outcome.best_number):
+        study_run.log_artifact(path, "optuna")
 
 
 # -- the best trial becomes the trained model -----------------------------------------------------------

@@ -234,8 +234,8 @@ def test_study_report_has_plots_importances_and_the_trial_table(tmp_path):
                                                   intermediate_values={1: value / 2, 2: value}))
     written = write_study_report(study, tmp_path, seed=0)
     names = sorted(p.name for p in written)
-    assert names == ["intermediate_values.png", "optimization_history.png", "param_importances.json",
-                     "param_importances.png", "trials.csv"]
+    assert names == ["intermediate_values.png", "optimization_history.png", "parallel_coordinate.png",
+                     "param_importances.json", "param_importances.png", "plots.json", "trials.csv"]
     assert all(p.stat().st_size > 0 for p in written)
     assert set(json.loads((tmp_path / "param_importances.json").read_text())) == {"lr", "batch_size"}
     assert len((tmp_path / "trials.csv").read_text().splitlines()) == 5
@@ -247,7 +247,10 @@ def test_study_report_of_one_trial_has_no_importances(tmp_path):
                                               distributions={"lr": optuna.distributions.FloatDistribution(0.001, 0.1)},
                                               value=0.9))
     names = sorted(p.name for p in write_study_report(study, tmp_path, seed=0))
-    assert names == ["intermediate_values.png", "optimization_history.png", "trials.csv"]
+    assert names == ["optimization_history.png", "parallel_coordinate.png", "plots.json", "trials.csv"]
+    assert json.loads((tmp_path / "plots.json").read_text())["skipped"] == {
+        "intermediate_values": "no trial reported an intermediate value",
+        "param_importances": "needs 2 completed trials, the study has 1"}
 
 
 # -- the best trial becomes the trained model -----------------------------------------------------------
