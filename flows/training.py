@@ -16,6 +16,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.promotion import start_promotion
+from flows.workspace import in_workspace, workspace_tags
 from ml.errors import PipelineError, cli_errors
 from tasks.entry import should_retry
 from tasks.evaluate import evaluate_task
@@ -106,7 +107,8 @@ def start_pipeline_run(params_path: str) -> Any:
     params, settings = load_params(params_path), load_settings()
     git = git_info()
     tracker = MlflowTracker.start(settings.tracking, "pipeline", kind="pipeline", system_metrics=False, tags={
-        "git_commit": git.commit, "git_branch": git.branch, "git_dirty": git.dirty, **flow_run_tags()})
+        "git_commit": git.commit, "git_branch": git.branch, "git_dirty": git.dirty, **flow_run_tags(),
+        **workspace_tags()})
     tracker.log_params({**{k: v for section in ("data", "validate", "train", "evaluate", "register", "anomaly")
                            for k, v in flatten(getattr(params, section), f"{section}.").items()},
                         **flatten(settings.tracking, "settings.tracking."),
@@ -155,6 +157,7 @@ def quiet_known_errors() -> None:
 
 
 @flow(name="training-pipeline", log_prints=True)
+@in_workspace
 def training_pipeline(params_path: str = "params.yaml", version_data: bool = True) -> dict[str, Any]:
     """prepare -> validate -> train -> evaluate -> register, each a nested MLflow run under one
     pipeline run; returns the registered version.

@@ -2,8 +2,9 @@
 
 params.yaml is what DVC tracks, so a key there re-runs the stages that list it when it changes.
 Tracking (URI, buffering, spool, progress), checkpoint storage, serving, promotion timing, the
-MLflow server of ``mlops up`` (its database, artifact store, interface and authentication) and the
-DVC remote of the data live here instead, read with pydantic-settings from, highest first:
+MLflow server of ``mlops up`` (its database, artifact store, interface and authentication), the
+DVC remote of the data and the workspaces of flow runs live here instead, read with
+pydantic-settings from, highest first:
 
 1. ``MLOPS_<SECTION>__<KEY>`` environment variables (``MLOPS_TRACKING__PROGRESS=off``; lists and
    mappings as JSON),
@@ -109,6 +110,13 @@ class DataRemoteConfig(Section):
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint of the remote (DVC's endpointurl), or null for AWS")
 
 
+class WorkspaceConfig(Section):
+    """Where a training or tuning flow run works (flows/workspace.py): the checkout, or a git worktree of its own."""
+
+    mode: Literal["auto", "checkout", "worktree"] = Field(default="auto", description="auto: flow runs of a deployment (a Prefect worker's) each in a worktree, runs by hand (python -m flows.*, make run) in the checkout; checkout or worktree: always that")
+    root: str | None = Field(default=None, description="directory the worktrees are made in (relative: to the checkout), or null for $XDG_CACHE_HOME/mlops-pipeline/workspaces (~/.cache when unset)")
+
+
 class Settings(BaseSettings):
     """All runtime settings (see the module docstring for where each value comes from)."""
 
@@ -121,6 +129,7 @@ class Settings(BaseSettings):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="the promotion flow")
     server: ServerConfig = Field(default_factory=ServerConfig, description="the MLflow server of mlops up")
     data_remote: DataRemoteConfig = Field(default_factory=DataRemoteConfig, description="the DVC remote of the training flow's outputs")
+    workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig, description="where each flow run works")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -335,10 +335,14 @@ def deploy_flows(project_dir: str | Path, env: dict[str, str], pool: str = "loca
 
 
 def start_worker(project_dir: str | Path, env: dict[str, str], pool: str = "local",
-                 log: Path | None = None) -> subprocess.Popen:
-    """A process worker whose flow runs use this interpreter's environment (the project's venv)."""
+                 log: Path | None = None, limit: int | None = None) -> subprocess.Popen:
+    """A process worker whose flow runs use this interpreter's environment (the project's venv);
+    ``limit``: the most flow runs it runs at once (Prefect's ``--limit``), None for no limit. Each
+    training or tuning flow run works in its own workspace (flows/workspace.py), so one worker or
+    several may run them side by side."""
     path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    return _spawn([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+    return _spawn([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+                   *(["--limit", str(limit)] if limit is not None else [])],
                   env={**env, "PATH": path, "MLOPS_PROJECT_DIR": str(Path(project_dir).resolve())},
                   log=log, cwd=project_dir)
 
