@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow
 
 from flows.training import next_steps, start_pipeline_run
+from flows.workspace import in_workspace
 from ml.errors import cli_errors
 from tasks.evaluate import evaluate_task
 from tasks.prepare import prepare_task
@@ -23,6 +24,7 @@ from tasks.validate import validate_task
 
 
 @flow(name="tuning-pipeline", log_prints=True)
+@in_workspace
 def tuning_pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
     """Each stage a nested MLflow run under one pipeline run, the trials nested in the tune stage's
     study run; returns the registered version with the study's best trial."""
