@@ -315,3 +315,24 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     elif summary.get("error"):
         lines += ["", "## Why it stopped", "", "```", str(summary["error"])[:4000], "```"]
     return "\n".join(lines) + "\n"
+
+
+def replacement_line(tags: Mapping[str, str]) -> str:
+    """What ``mlops models list`` says of a version a retraining registered: the champion it would
+    replace and the accuracy change on each test split (from :meth:`Comparison.version_tags`)."""
+    replaces = tags.get(f"{VERSION_PREFIX}replaces")
+    if replaces is None:
+        return ""
+    if replaces == "none":
+        return "replaces no champion"
+    parts = []
+    for split in ("new_test", "champion_test"):
+        delta = tags.get(f"{VERSION_PREFIX}{split}_delta")
+        if delta is None:
+            continue
+        if f"{VERSION_PREFIX}{split}_challenger_accuracy" in tags:
+            parts.append(f"{split} {float(tags[f'{VERSION_PREFIX}{split}_champion_accuracy']):.4f} -> "
+                         f"{float(tags[f'{VERSION_PREFIX}{split}_challenger_accuracy']):.4f} ({float(delta):+.4f})")
+        else:
+            parts.append(f"{split} {delta}")
+    return f"would replace champion v{replaces}: " + "; ".join(parts)
