@@ -108,10 +108,16 @@ def print_record(record: Any, as_json: bool) -> None:
 
 
 def list_line(record: Any) -> str:
+    from registry.approval import PENDING
+    from tasks.retrain import replacement_line
+
     aliases = f" [{', '.join(record.aliases)}]" if record.aliases else ""
     comparison = champion_comparison(record.tags)
+    # a pending version a retraining registered: the champion it would replace, on both test splits
+    replaces = replacement_line(record.tags) if record.status == PENDING else ""
     return (f"{record.name} v{record.version}{aliases}: {record.status}  "
-            f"accuracy={record.tags.get('test_accuracy', '?')}{'  ' + comparison if comparison else ''}")
+            f"accuracy={record.tags.get('test_accuracy', '?')}{'  ' + comparison if comparison else ''}"
+            + (f"\n  {replaces}" if replaces else ""))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
