@@ -10,8 +10,8 @@ import torch
 
 from ml.config import load_params
 from ml.errors import ConfigError, PipelineError
-from ml.tune.objectives import (Condition, Objective, SelectRule, adopted_number, measure, model_size_mb,
-                                parse_objectives, parse_select)
+from ml.tune.objectives import (LATENCY_REPEATS, LATENCY_WARMUP, Condition, Objective, SelectRule, adopted_number,
+                                measure, model_size_mb, parse_objectives, parse_select)
 from ml.tune.study import open_study
 from tests.conftest import base_params, write_params
 
@@ -131,6 +131,26 @@ def test_measured_objectives_of_a_model(tmp_path):
     assert values["param_count"] == 64 * 16 + 16 + 16 * 10 + 10
     assert values["model_size_mb"] == pytest.approx(1.0) == model_size_mb(tmp_path / "model")
     assert math.isfinite(values["latency_ms"]) and values["latency_ms"] > 0
+
+
+class RowsSeen(torch.nn.Module):
+    """A classifier that remembers the batch sizes it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.rows = torch.nn.Linear(64, 10), []
+
+    def forward(self, x):
+        self.rows.append(len(x))
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("batch_size", [1, 12])
+def test_latency_times_requests_of_the_serving_batch_size(tmp_path, batch_size):
+    model = RowsSeen()
+    measure(parse_objectives(["val_accuracy:max", "latency_ms:min"]), {"val_accuracy": 0.9}, model, tmp_path,
+            torch.rand(5, 64).numpy(), batch_size)
+    assert model.rows == [batch_size] * (LATENCY_WARMUP + LATENCY_REPEATS)
 
 
 # -- the study ---------------------------------------------------------------------------------------------
