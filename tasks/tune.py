@@ -6,10 +6,8 @@ best trial becomes the trained model that evaluate and register continue from.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -20,13 +18,15 @@ from ml.settings import load_settings
 from tasks.entry import flow_run_tags, stage_main, stage_run
 
 
-def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> dict[str, Any]:
-    """Runs ``tune.n_trials`` more trials of the study in ``tune.storage``, then writes the best
-    trial's weights to ``train.model_dir`` and its summary to ``train.run_file``."""
-    from ml.tracking.mlflow_tracker import MlflowTracker
-    from ml.tune.study import STUDY_TAG, StudyContext, adopt_best_trial, open_study, redacted_storage, run_study
+def run(params_path: str = "params.yaml", parent_run_id: str | None = None, workers: int = 1) -> dict[str, Any]:
+    """Runs ``tune.n_trials`` more trials of the study in ``tune.storage``, in this process or in
+    ``workers`` worker processes (:mod:`ml.tune.workers`), then writes the best trial's weights to
+    ``train.model_dir`` and its summary to ``train.run_file``."""
+    from ml.tune.study import STUDY_TAG, adopt_best_trial, open_study, redacted_storage, run_study
+    from ml.tune.workers import WorkerPool, check_workers, study_context
 
     params, tracking = load_params(params_path), load_settings().tracking
+    check_workers(workers, params.tune.storage)
     tune, processed = params.tune, params.data.processed_dir
     schema = Schema.read(processed)
     dataset = dataset_version(processed, schema.source)
@@ -39,12 +39,11 @@ def run(params_path: str = "params.yaml", parent_run_id: str | None = None) -> d
                    tags={**shared, STUDY_TAG: tune.study_name, "optuna_storage": storage}) as study_run:
         study_run.log_params({**flatten(tune, "tune."), "tune.storage": storage, **flatten(params.train, "train."),
                               "data.processed_dir": processed})
-        train_frame = pd.read_parquet(Path(processed) / "train.parquet")
-        study_run.log_dataset(train_frame, dataset, "training")
-        example = pd.read_parquet(Path(processed) / "val.parquet").drop(columns=["label"]).head(5)
-        context = StudyContext(params, study_run.run_id, dataset, git, train_frame,
-                               example.to_numpy(dtype="float32").copy(), MlflowTracker.start, shared, tracking)
-        outcome = run_study(study, context, study_run)
+        study_run.set_tags({"tune_workers": workers})
+        context = study_context(params, tracking, study_run.run_id, shared, dataset=dataset, git=git)
+        study_run.log_dataset(context.train_frame, dataset, "training")
+        outcome = run_study(study, context, study_run,
+                            optimize=WorkerPool(params_path, workers).optimize if workers > 1 else None)
         trained = adopt_best_trial(outcome, params.train, tune, study_run.client)
     return {**outcome.to_dict(), "study_run_id": study_run.run_id, "run_id": trained["run_id"],
             "model_uri": trained["model_uri"], "final": trained["final"]}
