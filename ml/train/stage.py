@@ -24,6 +24,8 @@ from ml.model.architectures import Classifier, ModelSpec, build_model as build_a
 from ml.model.architectures import enable_activation_checkpointing, set_channels_last
 from ml.model.serialization import save_model
 from ml.tracking.base import NullTracker, Tracker
+from ml.train.batches import LoaderChoice, MemoryBatches, ParquetBatches, ParquetSplit, choose_loader, data_wait_advice
+from ml.train.memory import MemoryGuard
 from ml.train.compile import CompiledForward, compile_forward, example_batches
 from ml.train.speed import SpeedSettings, apply_backend_flags, autocast_for, grad_scaler_for, resolve_speed
 from ml.train.schedule import build_scheduler, optimizer_steps
@@ -32,10 +34,13 @@ logger = logging.getLogger(__name__)
 
 # TrainConfig keys that do not change what a step computes: a checkpoint made under other values
 # of these still resumes exactly (more epochs extend a run; paths only say where results go).
-_NOT_IN_FINGERPRINT = ("epochs", "device", "model_dir", "run_file", "metrics_file")
+_NOT_IN_FINGERPRINT = ("epochs", "device", "model_dir", "run_file", "metrics_file", "num_workers", "pin_memory",
+                       "persistent_workers", "prefetch_factor")
 
 class Splits(NamedTuple):
-    """The training and validation arrays as train() loaded them, for hooks that need the data."""
+    """The training and validation arrays as train() loaded them, for hooks that need the data
+    (with ``train.loader`` resolved to dataloader, ``x_train`` is the split's head and ``y_train`` every
+    label)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -111,12 +116,16 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     device = resolve_device(cfg.device)
     generator = seed_everything(cfg.seed)
     schema = Schema.read(processed_dir)
-    x_train, y_train = load_split(processed_dir, "train")
+    train_split = ParquetSplit(Path(processed_dir) / "train.parquet", schema.features, schema.classes)
+    loader = choose_loader(cfg.loader, train_split.nbytes, cfg.memory_budget, device)
+    # the dataloader never holds the split: its head serves what needs rows at hand (compile shapes, autotune)
+    x_train, y_train = (load_split(processed_dir, "train") if loader.name == "memory"
+                        else train_split.head(16 * cfg.batch_size * cfg.accumulate_steps))
     x_val, y_val = load_split(processed_dir, "val")
     speed = resolve_speed(cfg, device)
     apply_backend_flags(speed)
     model = build_model(cfg, schema)
-    model.set_input_stats(x_train)
+    model.set_input_stats(x_train if loader.name == "memory" else train_split.stats_rows())
     model.to(device)
     if speed.memory_format == "channels_last":
         set_channels_last(model)
@@ -126,7 +135,7 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                                   **({"fused": True} if speed.fused_optimizer else {}))
     autocast, scaler = autocast_for(speed.precision, device), grad_scaler_for(speed.precision, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps,
-                                optimizer_steps(len(y_train), cfg.batch_size, cfg.accumulate_steps, cfg.epochs))
+                                optimizer_steps(train_split.rows, cfg.batch_size, cfg.accumulate_steps, cfg.epochs))
     tracker.log_params(speed.as_params())
     as_tensors = lambda x, y: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))  # noqa: E731
     all_hooks = list(hooks)
@@ -140,9 +149,15 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
         logger.info("train: %s", note)
         print(f"train: {note}", flush=True)
     if hook_factory is not None:
-        all_hooks.extend(hook_factory(model, optimizer, Splits(x_train, y_train, x_val, y_val)))
+        labels = y_train if loader.name == "memory" else train_split.labels()
+        all_hooks.extend(hook_factory(model, optimizer, Splits(x_train, labels, x_val, y_val)))
     if cfg.early_stopping_patience is not None:
         all_hooks.append(EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_metric))
+    guard = None
+    if cfg.memory.check_every_steps is not None:
+        guard = MemoryGuard(cfg.memory.check_every_steps, cfg.memory.soft_limit, cfg.memory.hard_limit, device=device,
+                            tracker=tracker)
+        all_hooks.append(guard)
     states = callback_states(all_hooks)
     if state is not None:
         restore_callbacks(all_hooks, saved_callbacks)
@@ -163,23 +178,51 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                                            checkpoints.run_id, callback_states=states))
     compiled = compile_forward(model, speed.compile, example_batches(*as_tensors(x_train, y_train), cfg.batch_size),
                                autocast)
+    train_data = (MemoryBatches(*as_tensors(x_train, y_train), cfg.batch_size, generator)
+                  if loader.name == "memory" else
+                  ParquetBatches(train_split, cfg.batch_size, generator, device=device,
+                                 num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                                 persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor))
+    _record_loader(tracker, loader, 0)
     _record_compile(tracker, compiled)
     try:
-        state = fit(compiled.forward, optimizer, as_tensors(x_train, y_train), as_tensors(x_val, y_val),
-                    epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, tracker=tracker,
+        state = fit(compiled.forward, optimizer, train_data, as_tensors(x_val, y_val),
+                    epochs=cfg.epochs, tracker=tracker,
                     hooks=all_hooks, state=state, log_every_steps=cfg.log_every_steps, autocast=autocast,
                     scaler=scaler, eval_model=model, accumulate_steps=cfg.accumulate_steps,
-                    clip_grad_norm=cfg.clip_grad_norm, scheduler=scheduler, max_skipped_steps=cfg.max_skipped_steps)
+                    clip_grad_norm=cfg.clip_grad_norm, scheduler=scheduler, max_skipped_steps=cfg.max_skipped_steps,
+                    memory_guard=guard)
     finally:
         if manager is not None:
             manager.close()
     if state.stop:
-        record_stop(model, state, as_tensors(x_train, y_train), as_tensors(x_val, y_val), cfg.batch_size, tracker,
+        record_stop(model, state, train_data, as_tensors(x_val, y_val), cfg.batch_size, tracker,
                     autocast=autocast)
+    _advise_data_wait(tracker, state, train_data, 0)
     model.cpu().eval()
     save_model(model, cfg.model_dir)
     atomic_write_json(cfg.metrics_file, state.history)
     return TrainResult(model, state, resumed_from, note, result_stats, speed, compiled)
+
+
+def _record_loader(tracker: Tracker, loader: LoaderChoice, rank: int) -> None:
+    """Where batches come from (``train.loader``) and why: the run tag ``loader`` and one console line."""
+    tracker.set_tags({"loader": loader.name, "loader.reason": loader.reason})
+    logger.info("train: batches from %s: %s", loader.name, loader.reason)
+    if rank == 0:
+        print(f"train: batches from {loader.name}: {loader.reason}", flush=True)
+
+
+def _advise_data_wait(tracker: Tracker, state: LoopState, source: Any, rank: int) -> None:
+    """When the loop waited for batches too long, one console line (and the run tag ``data_bound``)
+    naming the setting to change."""
+    advice = data_wait_advice(state.timing.summary().get("data_wait_fraction"), source)
+    if advice is None:
+        return
+    tracker.set_tags({"data_bound": advice})
+    logger.warning("train: %s", advice)
+    if rank == 0:
+        print(f"train: {advice}", flush=True)
 
 
 def _record_compile(tracker: Tracker, compiled: CompiledForward) -> None:

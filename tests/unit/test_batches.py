@@ -1,9 +1,25 @@
+import copy
 import itertools
+import json
+import logging
+import os
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
-from ml.train.batches import MemoryBatches, shard_order
+from ml.config import TrainConfig
+from ml.model.architectures import MLP, ModelSpec
+from ml.tracking.base import NullTracker
+from ml.train.batches import (MemoryBatches, ParquetBatches, ParquetSplit, choose_loader, data_wait_advice,
+                              shard_order, worker_count)
+from ml.train.loop import Callback, LoopState, fit, seed_everything
+from ml.train.stage import train
+from tests.conftest import REPO
 
 
 def tensors(n=50, features=3):
@@ -83,3 +99,185 @@ def test_bad_state_is_refused(state, match):
     source = MemoryBatches(*tensors(), 4, torch.Generator())
     with pytest.raises(ValueError, match=match):
         source.load_state_dict(state)
+
+
+# -- the dataloader path: a Parquet split streamed a row group at a time -----------------------------
+
+ROWS, FEATURES, GROUP, CLASSES = 300, 6, 37, ("a", "b", "c")
+
+
+def write_split(path, rows=ROWS, seed=0, group=GROUP):
+    """Feature f0 is the row's id, so a batch says which rows it holds."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, FEATURES)).astype(np.float32)
+    x[:, 0] = np.arange(rows)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(FEATURES)])
+    frame["label"] = [CLASSES[i] for i in ((x[:, 1] > 0).astype(int) + (x[:, 2] > 0.5).astype(int)) % 3]
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=group)
+    return x
+
+
+@pytest.fixture(scope="module")
+def split_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("split") / "train.parquet"
+    return path, write_split(path)
+
+
+def parquet_split(path):
+    return ParquetSplit(path, [f"f{i}" for i in range(FEATURES)], CLASSES)
+
+
+def epochs_of(source, epochs):
+    return [[(x[:, 0].long(), y) for x, y in source] for _ in range(epochs)]
+
+
+def test_parquet_batches_hold_every_row_once_an_epoch_in_a_seeded_order(split_file):
+    path, x = split_file
+    split = parquet_split(path)
+    assert split.group_rows == [37] * 8 + [4] and split.rows == ROWS and split.nbytes == ROWS * (4 * FEATURES + 8)
+    source = ParquetBatches(split, 32, torch.Generator().manual_seed(1), device=torch.device("cpu"))
+    first, second = epochs_of(source, 2)
+    assert len(source) == len(first) == 10 and [len(ids) for ids, _ in first] == [32] * 9 + [12]
+    for epoch in (first, second):
+        assert sorted(torch.cat([ids for ids, _ in epoch]).tolist()) == list(range(ROWS))
+    assert not torch.equal(torch.cat([i for i, _ in first]), torch.cat([i for i, _ in second]))
+    labels = split.labels()
+    assert all(torch.equal(y, torch.from_numpy(labels)[ids]) for ids, y in first)
+    again = ParquetBatches(split, 32, torch.Generator().manual_seed(1), device=torch.device("cpu"))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, epochs_of(again, 1)[0]))
+
+
+def test_two_workers_read_the_same_batches_as_the_training_process(split_file):
+    split = parquet_split(split_file[0])
+    inline = ParquetBatches(split, 16, torch.Generator().manual_seed(4), device=torch.device("cpu"))
+    workers = ParquetBatches(split, 16, torch.Generator().manual_seed(4), device=torch.device("cpu"), num_workers=2,
+                             persistent_workers=True, prefetch_factor=3)
+    a, b = epochs_of(inline, 2), epochs_of(workers, 2)
+    assert workers.num_workers == 2
+    assert [torch.cat([i for i, _ in e]).tolist() for e in a] == [torch.cat([i for i, _ in e]).tolist() for e in b]
+
+
+def test_ranks_read_disjoint_batches_and_as_many_each(split_file):
+    split = parquet_split(split_file[0])
+    per_rank = [epochs_of(ParquetBatches(split, 32, torch.Generator().manual_seed(2), device=torch.device("cpu"),
+                                         rank=r, world_size=3), 1)[0] for r in range(3)]
+    assert [len(b) for b in per_rank] == [4, 4, 4]   # 10 batches padded to 12
+    ids = [torch.cat([i for i, _ in b]).tolist() for b in per_rank]
+    whole = torch.cat([i for i, _ in epochs_of(ParquetBatches(split, 32, torch.Generator().manual_seed(2),
+                                                              device=torch.device("cpu")), 1)[0]]).tolist()
+    batches = [whole[i:i + 32] for i in range(0, ROWS, 32)] + [whole[:32], whole[32:64]]
+    assert ids == [sum(batches[r::3], []) for r in range(3)]
+
+
+def test_streamed_statistics_labels_and_head_match_the_whole_split(split_file):
+    path, x = split_file
+    split = parquet_split(path)
+    mean, std = split.input_stats()
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(std, x.std(axis=0), rtol=1e-5)
+    rows = split.stats_rows()
+    np.testing.assert_allclose(rows.mean(axis=0), mean, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(rows.std(axis=0), std, rtol=1e-5)
+    head_x, head_y = split.head(50)
+    np.testing.assert_array_equal(head_x, x[:50])
+    assert len(head_y) == 50 and np.array_equal(split.labels()[:50], head_y)
+
+
+def test_parquet_resume_mid_epoch_with_two_workers_equals_a_straight_run(split_file):
+    split = parquet_split(split_file[0])
+
+    def run(stop_at=None, state=None, snapshot=None):
+        generator = seed_everything(3)
+        model = MLP(ModelSpec(FEATURES, (16,), 3, 0.2))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        if snapshot is not None:
+            torch.manual_seed(999)   # a resumed process starts from other RNG states
+            model.load_state_dict(snapshot["model"])
+            optimizer.load_state_dict(snapshot["optimizer"])
+            generator.set_state(snapshot["generator"])
+            torch.set_rng_state(snapshot["rng"])
+        source = ParquetBatches(split, 64, generator, device=torch.device("cpu"), num_workers=2,
+                                persistent_workers=True)
+        losses = Losses(stop_at)
+        out = fit(model, optimizer, source, VAL, epochs=2, hooks=[losses], state=state)
+        return model, optimizer, generator, out, losses.values
+
+    straight_model, *_, straight = run()
+    model, optimizer, generator, state, first = run(stop_at=7)   # 5 batches an epoch: mid-epoch 2
+    assert state.batch_in_epoch == 2 and len(straight) == 10
+    snapshot = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                "generator": generator.get_state(), "rng": torch.get_rng_state()}
+    saved = LoopState()
+    saved.load_state_dict(copy.deepcopy(state.state_dict()))
+    saved.stop = False
+    resumed_model, *_, rest = run(state=saved, snapshot=snapshot)
+    assert first + rest == straight
+    assert all(torch.equal(straight_model.state_dict()[k], v) for k, v in resumed_model.state_dict().items())
+
+
+class Losses(Callback):
+    def __init__(self, stop_at=None):
+        self.values, self.stop_at = [], stop_at
+
+    def on_log(self, state, values):
+        self.values += [v.loss for v in values]
+        if state.global_step == self.stop_at:
+            state.stop = True
+
+
+VAL = (torch.randn(40, FEATURES, generator=torch.Generator().manual_seed(8)), torch.arange(40) % 3)
+
+
+@pytest.mark.parametrize("loader, size, expected", [
+    ("auto", 400, "memory"), ("auto", 600, "dataloader"), ("memory", 10**12, "memory"),
+    ("dataloader", 1, "dataloader")])
+def test_auto_takes_memory_when_the_split_fits_the_budget(loader, size, expected):
+    choice = choose_loader(loader, size, 0.5, torch.device("cpu"), available=1000)
+    assert choice.name == expected
+    if loader == "auto":
+        assert ("fits" if expected == "memory" else "exceeds") in choice.reason and "train.memory_budget" in choice.reason
+
+
+def test_more_workers_than_cores_warns_once_with_the_number_used(caplog):
+    cores = len(os.sched_getaffinity(0))
+    with caplog.at_level(logging.WARNING, logger="ml.train.batches"):
+        assert worker_count(cores + 5) == cores
+        assert worker_count(cores) == cores
+    assert [r.getMessage() for r in caplog.records] == \
+        [f"train.num_workers: {cores + 5} is above the {cores} cores available; using {cores}"]
+
+
+def test_data_wait_advice_names_the_setting_to_change(split_file):
+    streamed = ParquetBatches(parquet_split(split_file[0]), 32, torch.Generator(), device=torch.device("cpu"))
+    assert data_wait_advice(0.1, streamed) is None and data_wait_advice(None, streamed) is None
+    assert "train.num_workers" in data_wait_advice(0.6, streamed) and "60%" in data_wait_advice(0.6, streamed)
+    memory = MemoryBatches(*tensors(), 4, torch.Generator())
+    assert "train.loader: dataloader" in data_wait_advice(0.6, memory)
+
+
+def test_a_split_above_the_memory_budget_trains_through_the_dataloader(tmp_path, capsys):
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    x = write_split(processed / "train.parquet")
+    write_split(processed / "val.parquet", rows=60, seed=1)
+    (processed / "schema.json").write_text(json.dumps(
+        {"features": [f"f{i}" for i in range(FEATURES)], "classes": list(CLASSES), "source": "synthetic"}))
+    cfg = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    cfg.update(hidden_sizes=[16], batch_size=32, epochs=3, lr=0.01, model_dir=str(tmp_path / "model"),
+               run_file=str(tmp_path / "run.json"), metrics_file=str(tmp_path / "metrics.json"), optimize="off",
+               loader="auto", memory_budget=1e-9, num_workers=2)   # a budget of a few bytes: no split fits
+    tracker = Tags()
+    result = train(TrainConfig(**cfg), processed, tracker)
+    assert tracker.tags["loader"] == "dataloader" and "exceeds train.memory_budget" in tracker.tags["loader.reason"]
+    assert "train: batches from dataloader: the split" in capsys.readouterr().out
+    assert result.state.global_step == 3 * 10 and [h["epoch"] for h in result.state.history] == [1, 2, 3]
+    assert result.state.history[-1]["train_loss"] < result.state.history[0]["train_loss"]
+    np.testing.assert_allclose(result.model.mean.numpy(), x.mean(axis=0), rtol=1e-4, atol=1e-3)
+
+
+class Tags(NullTracker):
+    def __init__(self):
+        self.tags = {}
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
