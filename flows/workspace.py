@@ -304,7 +304,8 @@ def flow_workspace() -> Iterator[Workspace | None]:
     env = settings_environment(settings, checkout, dict(os.environ))
     prepare_tracking_store(settings.tracking.model_copy(update={
         "uri": env["MLOPS_TRACKING__URI"], "artifact_root": env["MLOPS_TRACKING__ARTIFACT_ROOT"]}))
-    workspace = create_workspace(checkout, workspace_root(settings.workspace.root, checkout), run_id or uuid.uuid4().hex)
+    root = workspace_root(settings.workspace.root, checkout)
+    workspace = create_workspace(checkout, root, run_id or uuid.uuid4().hex)
     env.update({WORKSPACE_ENV: str(workspace.path), CHECKOUT_ENV: str(checkout)})
     saved = {key: os.environ.get(key) for key in env}
     print(f"workspace {workspace.path}: {checkout} at {workspace.commit[:12]}"

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,7 +23,9 @@ def test_deployment_run_completes_and_registers_a_model(tmp_path):
     worker = None
     try:
         services.deploy_flows(project, env)
-        worker = services.start_worker(project, {**env, "PYTHONPATH": str(project)}, log=tmp_path / "worker.log")
+        worker = services.start_worker(project, {**env, "PYTHONPATH": str(project),
+                                                 "MLOPS_WORKSPACE__ROOT": str(tmp_path / "workspaces")},
+                                       log=tmp_path / "worker.log")
         done = subprocess.run(
             [str(services.BIN / "prefect"), "deployment", "run", "training-pipeline/local", "--watch",
              "--watch-timeout", "400"],
@@ -37,5 +40,9 @@ def test_deployment_run_completes_and_registers_a_model(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db", registry_uri=f"sqlite:///{project}/mlflow.db")
     (version,) = client.search_model_versions("name = 'digits-classifier'")
     assert version.tags["approval_status"] == "PendingManualApproval"
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    # the flow run worked in its own workspace (flows/workspace.py): its dvc.lock is an artifact of its pipeline run
+    (pipeline,) = client.search_runs([client.get_run(version.run_id).info.experiment_id],
+                                     "tags.`mlops.run_kind` = 'pipeline'")
+    lock_file = client.download_artifacts(pipeline.info.run_id, "dvc/dvc.lock", str(tmp_path))
+    lock = yaml.safe_load(Path(lock_file).read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train.epochs"] == 2
