@@ -14,7 +14,8 @@ In it:
 - ``.dvc/cache`` is the checkout's DVC cache (``cache.dir`` in the workspace's ``.dvc/config.local``,
   what ``dvc cache dir --local`` writes, and a symbolic link at the default path, which
   tasks/validate.py reads for the champion's training split): ``dvc commit`` stores the outputs
-  there, nothing is cached twice. The checkout's ``.dvc/config.local`` (its DVC remote) comes along.
+  there, nothing is cached twice. The checkout's ``.dvc/config.local`` (its DVC remote) comes along;
+  DVC's site cache (``core.site_cache_dir``) is inside the workspace, removed with it.
 - data a user added with ``dvc add`` (``*.dvc`` files in git) is checked out from that cache, or
   pulled from the DVC remote when the cache lacks it.
 - settings whose values are paths relative to the checkout (a SQLite tracking URI, the artifact root
@@ -193,6 +194,9 @@ def share_dvc_cache(checkout: Path, path: Path) -> Path | None:
         shutil.copy2(local, path / ".dvc" / "config.local")
     with Config(dvc_dir=str(path / ".dvc"), validate=False).edit("local") as conf:
         conf["cache"]["dir"] = str(cache)
+        # DVC's per-repository state and index (by default under /var/tmp/dvc, one per repository
+        # path) go with the workspace instead of piling up there, one per flow run
+        conf["core"]["site_cache_dir"] = str(path / ".dvc" / "tmp" / "site-cache")
     link = path / ".dvc" / "cache"
     if not link.is_symlink():
         if link.is_dir():

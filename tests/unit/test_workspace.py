@@ -118,6 +118,7 @@ def test_workspace_is_the_checkout_as_the_user_left_it(checkout, tmp_path):
 
     with Repo(str(ws.path)) as dvc:
         dvc.add(str(ws.path / "data" / "new.txt"))
+        assert Path(dvc.site_cache_dir).is_relative_to(ws.path)  # removed with the workspace
     grown = {p.relative_to(checkout / ".dvc" / "cache") for p in (checkout / ".dvc" / "cache").rglob("*")}
     assert len(grown - cached) >= 1  # stored once, in the shared cache
 
