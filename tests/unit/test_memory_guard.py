@@ -1,5 +1,6 @@
 import json
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -11,6 +12,7 @@ from ml.tracking.base import NullTracker
 from ml.train.loop import Callback, fit, seed_everything
 from ml.train.memory import (EVENTS_ARTIFACT, MemoryExhausted, MemoryGuard, sample_memory,
                              split_micro_batches)
+from ml.train.stage import train as stage_train
 from ml.train.step import StepOutput
 from tests.conftest import REPO
 
@@ -170,3 +172,25 @@ def test_bad_guard_arguments_are_refused():
         MemoryGuard(1, 0.9, 0.5, device=CPU)
     with pytest.raises(ValueError, match="check_every_steps"):
         MemoryGuard(0, 0.5, 0.9, device=CPU)
+
+
+def test_the_train_stage_runs_the_guard_from_params(tmp_path):
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    for name, rows in (("train", 48), ("val", 16)):
+        x, y = data(rows, seed=rows)
+        frame = pd.DataFrame(x.numpy(), columns=[f"f{i}" for i in range(8)])
+        frame["label"] = [("a", "b", "c")[i] for i in y.tolist()]
+        frame.to_parquet(processed / f"{name}.parquet", index=False)
+    (processed / "schema.json").write_text(json.dumps(
+        {"features": [f"f{i}" for i in range(8)], "classes": ["a", "b", "c"], "source": "synthetic"}))
+    cfg = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    cfg.update(hidden_sizes=[16], batch_size=4, epochs=1, model_dir=str(tmp_path / "model"), optimize="off",
+               run_file=str(tmp_path / "run.json"), metrics_file=str(tmp_path / "metrics.json"), loader="memory",
+               # limits no process stays under: the guard shrinks at each step until it cannot
+               memory={"check_every_steps": 1, "soft_limit": 1e-9, "hard_limit": 1e-9})
+    tracker = Recorder()
+    with pytest.raises(MemoryExhausted, match=r"^memory: usage above train.memory.hard_limit 1e-09 at step 3 "):
+        stage_train(TrainConfig(**cfg), processed, tracker)
+    assert tracker.tags["memory.micro_batch_split"] == 4
+    assert [json.loads(line)["kind"] for line in tracker.texts[EVENTS_ARTIFACT].splitlines()] == ["collect", "shrink"] * 2 + ["collect"]
