@@ -290,8 +290,13 @@ def run_study(study: Any, ctx: StudyContext, study_run: Any,
     if not complete:
         raise PipelineError(f"tune: no trial of study {tune.study_name} completed "
                             f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(states.items()))}); nothing to evaluate")
-    best = adopted_trial(study, tune)
-    best_values = dict(zip((o.name for o in objectives_of(tune)), best.values))
+    names = [o.name for o in objectives_of(tune)]
+    try:
+        best = adopted_trial(study, tune)
+    except PipelineError:  # no trial meets tune.select: the report shows the front to choose a rule from
+        write_study_report(study, tune.report_dir, seed=tune.seed, objective_names=names)
+        raise
+    best_values = dict(zip(names, best.values))
     if SUMMARY_ATTR not in best.user_attrs:
         raise PipelineError(f"tune: best trial {best.number} of study {tune.study_name} has no trained model "
                             f"recorded (user attr {SUMMARY_ATTR}); use another tune.study_name")

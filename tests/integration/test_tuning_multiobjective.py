@@ -109,3 +109,21 @@ def test_a_rule_naming_an_unknown_objective_is_one_line_before_any_trial(tuned, 
                               "latency <= 2'; expected one of tune.objectives: val_accuracy, latency_ms, param_count")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_no_front_trial_meeting_the_rule_is_one_line_and_the_report_shows_the_front(tuned, tmp_path):
+    from types import SimpleNamespace
+
+    from ml.config import load_params
+    from ml.errors import PipelineError
+    from ml.tune.study import run_study
+
+    project, _ = tuned
+    params = load_params(write_params(tmp_path, study_params(select="max val_accuracy where param_count <= 100",
+                                                             report_dir=str(tmp_path / "study"))))
+    with pytest.raises(PipelineError) as err:  # no trial runs (optimize does nothing): the study as it is
+        run_study(load_study(project), SimpleNamespace(params=params), None, optimize=lambda study, ctx: None)
+    assert str(err.value).startswith(f"tune.select: no Pareto-optimal trial of study {STUDY} meets max val_accuracy "
+                                     "where param_count <= 100 (")
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "study" / "pareto_front.png").is_file()
