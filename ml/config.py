@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from pydantic_core import PydanticCustomError
 
 from ml.errors import ConfigError
-from ml.metrics import optuna_direction
+from ml.metrics import direction, optuna_direction
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -129,6 +129,10 @@ class MemoryGuardConfig(Section):
         return self
 
 
+# The metrics every epoch records (ml.train.loop.fit), that early stopping and restore_best may watch.
+EPOCH_METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
+
+
 class TrainConfig(Section):
     """train: the model, the optimizer and the loop."""
 
@@ -150,7 +154,9 @@ class TrainConfig(Section):
     clip_grad_norm: Float | None = Field(None, gt=0, description="global gradient norm each step's gradients are clipped to (after fp16 unscaling; the norm before clipping is logged), or null: no clipping")
     schedule: Literal["constant", "cosine", "onecycle"] = Field("constant", description="learning-rate schedule over the run's optimizer steps (torch.optim.lr_scheduler), after a linear warmup of warmup_steps; its state is in every training checkpoint")
     warmup_steps: Int = Field(0, ge=0, description="optimizer steps of linear learning-rate warmup (onecycle: its rising phase); fewer than the run's steps")
-    max_skipped_steps: Int | None = Field(5, gt=0, description="steps in a row skipped for a non-finite loss or gradients that end training with an error, or null: never")
+    max_skipped_steps: Int | None = Field(5, gt=0, description="steps in a row skipped for a non-finite loss or gradients that trigger a rollback to the newest training checkpoint before them (an error once max_rollbacks are spent, or when there is none), or null: never")
+    max_rollbacks: Int = Field(3, ge=0, description="rollbacks after a divergence (max_skipped_steps non-finite steps in a row, or a loss spike under anomaly.action: rollback) before training ends with an error, >= 0; 0: the first divergence is the error")
+    restore_best: str | None = Field("val_loss:min", description="'metric:direction' of the epoch whose weights are saved, logged and registered at the end (an epoch metric: val_loss, val_accuracy, train_loss, train_accuracy; its direction from ml.metrics), or null: the last epoch's")
     model: Literal["mlp", "cnn", "vit", "factory"] = Field("mlp", description="architecture: mlp (hidden_sizes, dropout), cnn (conv-GroupNorm-GELU blocks), vit (a small vision transformer), or factory (model_factory)")
     model_factory: str | None = Field(None, pattern=r"^[\w.]+:\w+$", description="with model: factory, 'package.module:function' called with (input_shape, num_classes, **model_kwargs) that returns an nn.Module")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the architecture (cnn: channels, groups; vit: patch_size, dim, depth, heads, mlp_ratio) or of the factory")
@@ -178,6 +184,20 @@ class TrainConfig(Section):
                              "convolutional models), got 'channels_last'")
         return self
 
+    @model_validator(mode="after")
+    def _restore_best(self) -> TrainConfig:
+        if self.restore_best is None:
+            return self
+        metric, _, mode = self.restore_best.partition(":")
+        if metric not in EPOCH_METRICS or mode != direction(metric):
+            wanted = ", ".join(f"{m}:{direction(m)}" for m in EPOCH_METRICS)
+            raise ValueError(f"train.restore_best: expected one of {wanted} or null, got {self.restore_best!r}")
+        if self.early_stopping_patience is not None and metric != self.early_stopping_metric:
+            raise ValueError(f"train.restore_best: expected the metric early stopping watches "
+                             f"({self.early_stopping_metric}:{direction(self.early_stopping_metric)}), "
+                             f"got {self.restore_best!r}")
+        return self
+
 
 class EvaluateConfig(Section):
     """evaluate: test-set metrics, written as DVC metrics/plots and logged to the run."""
@@ -200,7 +220,7 @@ class RegisterConfig(Section):
 class AnomalyConfig(Section):
     """train: what counts as an anomaly in training, and what to do about one."""
 
-    action: Literal["warn", "stop"] = Field(description="on an anomaly")
+    action: Literal["warn", "stop", "rollback"] = Field(description="on an anomaly: warn; stop (ends training cleanly at the anomaly); rollback (a loss spike rolls training back to the newest training checkpoint before it and skips the batches since, as train.max_skipped_steps does; other kinds warn)")
     loss_spike_window: Int = Field(gt=0, description="steps whose log-loss median and MAD are the slow baseline of the loss-spike detector")
     loss_spike_zscore: Float = Field(gt=0, description="robust z-score of the recent log-loss level over the baseline above which the loss spikes, > 0")
     loss_spike_persist: Int = Field(3, gt=0, description="recent steps whose median log-loss is the level: a rise must last about half of them to count")

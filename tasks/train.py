@@ -59,7 +59,8 @@ def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: st
                    "run_url": tracker.url, "parent_run_id": parent_run_id, "dataset": dataset.to_dict(),
                    "git": {"commit": git.commit, "branch": git.branch, "dirty": git.dirty},
                    "resume": result.resume_note, "stopped_early": result.state.stop_reason,
-                   "final": result.final_metrics}
+                   "final": result.final_metrics, "restored_best_epoch": result.best_epoch,
+                   "rollbacks": result.rollbacks}
         atomic_write_json(cfg.run_file, summary)
     return summary
 

@@ -100,7 +100,7 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         if self.spec.input_shape:
-            x = x.reshape(len(x), *self.spec.input_shape)
+            x = x.reshape(-1, *self.spec.input_shape)  # -1, not len(x): an exported batch size stays dynamic
             if self.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
         return self.body(x)

@@ -239,7 +239,12 @@ class MlflowTracker:
         self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
 
     def log_model(self, model: Any, example: Any) -> str:
-        """Logs a PyTorch model with its signature and an input example; returns its model URI."""
+        """Logs a PyTorch model with its signature and an input example; returns its model URI.
+
+        The signature is the flat feature rows every architecture is called with; a model with a
+        spec (:class:`ml.model.architectures.ModelSpec`) also carries it in the MLmodel metadata
+        (``model_spec``, and ``input_shape``: the shape a row is viewed in, ``[in_features]`` when
+        flat), so a reader of the registry sees the architecture and its input without loading it."""
         import mlflow
         import mlflow.pytorch
         from mlflow.models import infer_signature
@@ -251,7 +256,8 @@ class MlflowTracker:
         signature = infer_signature(example, output)
         with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
             info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                            metadata=_model_metadata(model))
         return info.model_uri
 
     def _install_signal_flush(self) -> None:
@@ -337,3 +343,11 @@ def replay_spools(client: Any, cfg: TrackingConfig) -> int:
             for leftover in (spool, spool.with_name(spool.name + ".offset")):
                 leftover.unlink(missing_ok=True)
     return replayed
+
+
+def _model_metadata(model: Any) -> dict[str, Any] | None:
+    """The MLmodel metadata of a model with a spec: the spec, and the shape its rows are viewed in."""
+    spec = getattr(model, "spec", None)
+    if spec is None or not hasattr(spec, "to_json"):
+        return None
+    return {"model_spec": spec.to_json(), "input_shape": list(spec.input_shape or (spec.in_features,))}

@@ -18,7 +18,9 @@ from ml.config import TrainConfig, flatten
 from ml.data.prepare import Schema, load_split
 from ml.io import atomic_write_json
 from ml.train.callbacks import EarlyStopping
+from ml.train.divergence import TrainingDiverged
 from ml.train.loop import Callback, LoopState, fit, record_stop, resolve_device, seed_everything
+from ml.train.rollback import BestWeights, LossSpikeRollback, Rollbacks
 from ml.train.checkpoints import CheckpointContext, CheckpointHook, MilestoneHook, open_checkpoints, resume_stage
 from ml.model.architectures import Classifier, ModelSpec, build_model as build_architecture, image_shape
 from ml.model.architectures import enable_activation_checkpointing, set_channels_last
@@ -60,10 +62,15 @@ class TrainResult:
     checkpoint_stats: list[dict[str, Any]] = field(default_factory=list)
     speed: SpeedSettings = field(default_factory=SpeedSettings)
     compiled: CompiledForward | None = None
+    best_epoch: int | None = None
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final_metrics(self) -> dict[str, float]:
-        return {k: v for k, v in self.state.history[-1].items() if k not in ("epoch", "step")}
+        """The metrics of the weights the training ends with: the restored best epoch's
+        (``train.restore_best``), else the last history entry's."""
+        entries = [h for h in self.state.history if h["epoch"] == self.best_epoch] or self.state.history[-1:]
+        return {k: v for k, v in entries[-1].items() if k not in ("epoch", "step")}
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -105,6 +112,12 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     further hooks that need the model, optimizer or data (histograms, anomaly monitor, progress bar).
     ``train.early_stopping_patience`` adds :class:`ml.train.callbacks.EarlyStopping`. The state of
     every hook that has some (``state_key``) is saved in each checkpoint and restored on resume.
+
+    A divergence (:class:`ml.train.divergence.TrainingDiverged`, or a loss spike under
+    ``anomaly.action: rollback``) rolls training back to the newest checkpoint before it, past the
+    batches read since, at most ``train.max_rollbacks`` times (:mod:`ml.train.rollback`); with
+    ``train.restore_best`` the best epoch's weights are the ones saved and returned
+    (:attr:`TrainResult.best_epoch`).
 
     The speed switches (``train.optimize`` and the keys that override it, see
     :mod:`ml.train.speed`) are logged as ``speed.*`` params; with ``train.compile``, the compile time
@@ -153,6 +166,10 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
         all_hooks.extend(hook_factory(model, optimizer, Splits(x_train, labels, x_val, y_val)))
     if cfg.early_stopping_patience is not None:
         all_hooks.append(EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_metric))
+    best = None
+    if cfg.restore_best is not None:
+        best = BestWeights(model, *cfg.restore_best.split(":"))
+        all_hooks.append(best)
     guard = None
     if cfg.memory.check_every_steps is not None:
         guard = MemoryGuard(cfg.memory.check_every_steps, cfg.memory.soft_limit, cfg.memory.hard_limit, device=device,
@@ -161,6 +178,7 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     states = callback_states(all_hooks)
     if state is not None:
         restore_callbacks(all_hooks, saved_callbacks)
+    checkpoint_hook = None
     if checkpoints is not None:
         extra = {"fingerprint": checkpoints.fingerprint, "run_id": checkpoints.run_id,
                  "model_spec": model.spec.to_json(),
@@ -168,14 +186,16 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                  "config": flatten(cfg, "train."), "dataset": dict(checkpoints.dataset),
                  "git_commit": checkpoints.git_commit, "environment": environment()}
         # after the callbacks whose state they save, so a checkpoint holds their state at its step
-        all_hooks.append(CheckpointHook(manager, model, optimizer, generator=generator, scaler=scaler,
-                                        scheduler=scheduler,
-                                        every_steps=checkpoints.cfg.every_steps,
-                                        every_seconds=checkpoints.cfg.every_seconds, extra=lambda: extra,
-                                        callback_states=states))
+        checkpoint_hook = CheckpointHook(manager, model, optimizer, generator=generator, scaler=scaler,
+                                         scheduler=scheduler,
+                                         every_steps=checkpoints.cfg.every_steps,
+                                         every_seconds=checkpoints.cfg.every_seconds, extra=lambda: extra,
+                                         callback_states=states)
+        all_hooks.append(checkpoint_hook)
         if checkpoints.cfg.monitor:
             all_hooks.append(MilestoneHook(manager, model, optimizer, generator, checkpoints.cfg.monitor, extra,
-                                           checkpoints.run_id, callback_states=states))
+                                           checkpoints.run_id, callback_states=states, scheduler=scheduler,
+                                           scaler=scaler))
     compiled = compile_forward(model, speed.compile, example_batches(*as_tensors(x_train, y_train), cfg.batch_size),
                                autocast)
     train_data = (MemoryBatches(*as_tensors(x_train, y_train), cfg.batch_size, generator)
@@ -185,24 +205,54 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                                  persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor))
     _record_loader(tracker, loader, 0)
     _record_compile(tracker, compiled)
+    rollbacks = Rollbacks(manager, cfg.max_rollbacks, checkpoints.fingerprint if checkpoints else None, model=model,
+                          optimizer=optimizer, generator=generator, scheduler=scheduler, scaler=scaler,
+                          per_epoch=len(train_data), tracker=tracker)
+    state = state or LoopState()
     try:
-        state = fit(compiled.forward, optimizer, train_data, as_tensors(x_val, y_val),
-                    epochs=cfg.epochs, tracker=tracker,
-                    hooks=all_hooks, state=state, log_every_steps=cfg.log_every_steps, autocast=autocast,
-                    scaler=scaler, eval_model=model, accumulate_steps=cfg.accumulate_steps,
-                    clip_grad_norm=cfg.clip_grad_norm, scheduler=scheduler, max_skipped_steps=cfg.max_skipped_steps,
-                    memory_guard=guard)
+        while True:
+            try:
+                state = fit(compiled.forward, optimizer, train_data, as_tensors(x_val, y_val),
+                            epochs=cfg.epochs, tracker=tracker,
+                            hooks=all_hooks, state=state, log_every_steps=cfg.log_every_steps, autocast=autocast,
+                            scaler=scaler, eval_model=model, accumulate_steps=cfg.accumulate_steps,
+                            clip_grad_norm=cfg.clip_grad_norm, scheduler=scheduler,
+                            max_skipped_steps=cfg.max_skipped_steps, memory_guard=guard)
+                break
+            except (TrainingDiverged, LossSpikeRollback) as signal:
+                # fit left `state` where the divergence was noticed: the rollback restores the
+                # checkpoint before it and continues from there, past the batches in between
+                state, saved_callbacks = rollbacks.recover(signal, state)
+                restore_callbacks(all_hooks, saved_callbacks)
+                if checkpoint_hook is not None:
+                    checkpoint_hook.save_now(state)
     finally:
         if manager is not None:
             manager.close()
     if state.stop:
         record_stop(model, state, train_data, as_tensors(x_val, y_val), cfg.batch_size, tracker,
                     autocast=autocast)
+    best_epoch = _restore_best(best, state, tracker)
     _advise_data_wait(tracker, state, train_data, 0)
     model.cpu().eval()
     save_model(model, cfg.model_dir)
     atomic_write_json(cfg.metrics_file, state.history)
-    return TrainResult(model, state, resumed_from, note, result_stats, speed, compiled)
+    return TrainResult(model, state, resumed_from, note, result_stats, speed, compiled, best_epoch,
+                       rollbacks.as_dicts())
+
+
+def _restore_best(best: BestWeights | None, state: LoopState, tracker: Tracker) -> int | None:
+    """Loads the best epoch's weights (``train.restore_best``) and records which epoch they are
+    from: run tags ``restore_best.epoch`` and ``restore_best.value``, and one console line."""
+    epoch = best.restore() if best is not None else None
+    if epoch is None:
+        return None
+    tracker.set_tags({"restore_best.epoch": epoch, "restore_best.value": f"{best.metric} {best.best:.6g}"})
+    line = (f"train: the weights of epoch {epoch} are kept ({best.metric} {best.best:.6g}, the best of "
+            f"{len([h for h in state.history if float(h['epoch']).is_integer()])} epochs)")
+    logger.info("%s", line)
+    print(line, flush=True)
+    return epoch
 
 
 def _record_loader(tracker: Tracker, loader: LoaderChoice, rank: int) -> None:
