@@ -106,7 +106,11 @@ def register_version(client: Any, name: str, model_uri: str, run_id: str, tags: 
     except MlflowException as exc:
         if not is_not_found(exc):
             raise
-        client.create_registered_model(name, description="Registered by mlops-pipeline; approve before promotion.")
+        try:
+            client.create_registered_model(name, description="Registered by mlops-pipeline; approve before promotion.")
+        except MlflowException as created:  # another flow run registered the name first: use it
+            if created.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     all_tags = {**{k: str(v) for k, v in tags.items()}, STATUS_TAG: PENDING, HISTORY_TAG: "[]"}
     mv = client.create_model_version(name, model_uri, run_id=run_id, tags=all_tags)
     return get_version(client, name, mv.version)

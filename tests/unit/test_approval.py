@@ -192,3 +192,25 @@ def test_self_approval_is_allowed_only_by_the_flag_and_recorded_in_the_history(r
     assert (event["by"], event["to_status"], event["self_approval"]) == ("alice", APPROVED, True)
     main(["--tracking-uri", uri, "models", "show", "m", "3"])
     assert any("-> Approved by alice (self-approval)" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_registering_a_name_another_run_created_meanwhile_adds_a_version(registry):
+    """Two flow runs registering a new name at once: the one whose create loses the race still
+    registers its version under the name the other created."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from registry import store
+
+    _, client = registry
+
+    class LateClient:  # sees the name as missing, as a run that looked just before the other created it
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def get_registered_model(self, name):
+            raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
+
+    run = client.search_runs([client.get_experiment_by_name("approval").experiment_id])[0]
+    record = store.register_version(LateClient(), "m", f"runs:/{run.info.run_id}/model", run.info.run_id, {})
+    assert record.version == "4" and record.status == PENDING
