@@ -172,6 +172,15 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+def worker_environment(workers: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The workers' environment: this one, with torch's CPU threads split among the workers
+    (``OMP_NUM_THREADS``, as torchrun sets it) unless the user set them; N workers with a thread
+    per core each would oversubscribe the cores."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    return env
+
+
 class WorkerPool:
     """``workers`` processes running one invocation of a study (see the module docstring)."""
 
@@ -186,24 +195,30 @@ class WorkerPool:
                    "--study-run", ctx.study_run_id, "--tags", json.dumps(dict(ctx.tags), default=str)]
         procs: list[subprocess.Popen] = []
         try:
+            env = worker_environment(self.workers)
             for index in range(self.workers):
-                procs.append(subprocess.Popen([*command, "--index", str(index)]))
+                procs.append(subprocess.Popen([*command, "--index", str(index)], env=env))
             for proc in procs:
                 proc.wait()
-        finally:
+        except BaseException:  # interrupted or cancelled: stop the workers, leave no trial RUNNING
             for proc in procs:
                 _stop(proc)
-        host = socket.gethostname()
-        exits = {f"{host}:{proc.pid}": proc.returncode for proc in procs}
-        abandoned = fail_abandoned_trials(study, ctx, exits)
-        for number, worker in abandoned:
-            logger.warning("tune: worker %s %s during trial %d; the trial is marked FAIL, the others went on",
-                           worker, describe_exit(exits.get(worker, 0)), number)
+            _settle(study, ctx, procs)
+            raise
+        _settle(study, ctx, procs)
         failed = [(i, p) for i, p in enumerate(procs, 1) if p.returncode > 0]
         if failed:
             i, proc = failed[0]
             raise PipelineError(f"tune: worker {i} of {self.workers} (pid {proc.pid}) ended with "
                                 f"{describe_exit(proc.returncode)}; its error is in the output above")
+
+
+def _settle(study: Any, ctx: StudyContext, procs: list[subprocess.Popen]) -> None:
+    host = socket.gethostname()
+    exits = {f"{host}:{proc.pid}": proc.returncode for proc in procs}
+    for number, worker in fail_abandoned_trials(study, ctx, exits):
+        logger.warning("tune: worker %s %s during trial %d; the trial is marked FAIL, the others went on",
+                       worker, describe_exit(exits.get(worker, 0)), number)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -21,7 +21,7 @@ import yaml
 from mlflow import MlflowClient
 
 from ml.errors import ConfigError
-from ml.tune.workers import INVOCATION_ATTR, WORKER_ATTR, check_workers, is_in_memory
+from ml.tune.workers import INVOCATION_ATTR, WORKER_ATTR, check_workers, is_in_memory, worker_environment
 from tests.conftest import REPO, run_module, small_params, write_params
 from tests.integration.pg_s3 import postgres  # noqa: F401 (fixture)
 
@@ -52,6 +52,13 @@ def test_workers_need_a_positive_count_and_a_storage_processes_share():
         check_workers(2, "sqlite://")
     with pytest.raises(ConfigError, match=r"tune.storage None is in memory"):
         check_workers(2, None)
+
+
+def test_workers_split_the_cores_unless_the_user_set_the_threads():
+    cores = os.cpu_count() or 1
+    assert worker_environment(2, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": str(max(1, cores // 2))}
+    assert worker_environment(4 * cores, {})["OMP_NUM_THREADS"] == "1"
+    assert worker_environment(2, {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
 
 
 @pytest.mark.slow
@@ -95,23 +102,23 @@ BUDGET_WORKER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_the_budget_is_exact_and_no_trial_number_is_taken_twice(postgres, tmp_path):  # noqa: F811
-    """Four processes share two invocations' budgets (30 and 20 trials) of one study at once."""
+    """Four processes share two invocations' budgets (16 and 10 trials) of one study at once."""
     storage = postgres.create_database("budget")
     optuna.create_study(study_name="budget", storage=storage)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", BUDGET_WORKER, storage, str(tmp_path / lock), invocation, n],
                               env=env, stderr=subprocess.PIPE, text=True)
-             for lock, invocation, n in (("a.lock", "run-a", "30"), ("a.lock", "run-a", "30"),
-                                         ("b.lock", "run-b", "20"), ("b.lock", "run-b", "20"))]
+             for lock, invocation, n in (("a.lock", "run-a", "16"), ("a.lock", "run-a", "16"),
+                                         ("b.lock", "run-b", "10"), ("b.lock", "run-b", "10"))]
     for proc in procs:
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
     trials = optuna.load_study(study_name="budget", storage=storage).trials
-    assert sorted(t.number for t in trials) == list(range(50))
+    assert sorted(t.number for t in trials) == list(range(26))
     by_invocation = {}
     for trial in trials:
         by_invocation.setdefault(trial.user_attrs[INVOCATION_ATTR], []).append(trial)
-    assert {k: len(v) for k, v in by_invocation.items()} == {"run-a": 30, "run-b": 20}
+    assert {k: len(v) for k, v in by_invocation.items()} == {"run-a": 16, "run-b": 10}
     assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
     workers_a = {t.user_attrs[WORKER_ATTR] for t in by_invocation["run-a"]}
     assert len(workers_a) <= 2 and all(w.rsplit(":", 1)[1].isdigit() for w in workers_a)
