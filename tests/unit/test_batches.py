@@ -13,10 +13,12 @@ import torch
 import yaml
 
 from ml.config import TrainConfig
+from ml.settings import CheckpointConfig
 from ml.model.architectures import MLP, ModelSpec
 from ml.tracking.base import NullTracker
 from ml.train.batches import (MemoryBatches, ParquetBatches, ParquetSplit, choose_loader, data_wait_advice,
                               shard_order, worker_count)
+from ml.train.checkpoints import CheckpointContext
 from ml.train.loop import Callback, LoopState, fit, seed_everything
 from ml.train.stage import train
 from tests.conftest import REPO
@@ -255,24 +257,56 @@ def test_data_wait_advice_names_the_setting_to_change(split_file):
     assert "train.loader: dataloader" in data_wait_advice(0.6, memory)
 
 
-def test_a_split_above_the_memory_budget_trains_through_the_dataloader(tmp_path, capsys):
-    processed = tmp_path / "processed"
-    processed.mkdir()
-    x = write_split(processed / "train.parquet")
-    write_split(processed / "val.parquet", rows=60, seed=1)
-    (processed / "schema.json").write_text(json.dumps(
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    """A prepared dataset whose training split has row groups of 37 rows."""
+    directory = tmp_path_factory.mktemp("processed")
+    x = write_split(directory / "train.parquet")
+    write_split(directory / "val.parquet", rows=60, seed=1)
+    (directory / "schema.json").write_text(json.dumps(
         {"features": [f"f{i}" for i in range(FEATURES)], "classes": list(CLASSES), "source": "synthetic"}))
+    return directory, x
+
+
+def stage_config(tmp_path, **overrides):
     cfg = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
     cfg.update(hidden_sizes=[16], batch_size=32, epochs=3, lr=0.01, model_dir=str(tmp_path / "model"),
-               run_file=str(tmp_path / "run.json"), metrics_file=str(tmp_path / "metrics.json"), optimize="off",
-               loader="auto", memory_budget=1e-9, num_workers=2)   # a budget of a few bytes: no split fits
+               run_file=str(tmp_path / "run.json"), metrics_file=str(tmp_path / "metrics.json"), optimize="off")
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+def test_a_split_above_the_memory_budget_trains_through_the_dataloader(tmp_path, processed, capsys):
+    directory, x = processed
     tracker = Tags()
-    result = train(TrainConfig(**cfg), processed, tracker)
+    # a budget of a few bytes: no split fits
+    result = train(stage_config(tmp_path, loader="auto", memory_budget=1e-9, num_workers=2), directory, tracker)
     assert tracker.tags["loader"] == "dataloader" and "exceeds train.memory_budget" in tracker.tags["loader.reason"]
     assert "train: batches from dataloader: the split" in capsys.readouterr().out
     assert result.state.global_step == 3 * 10 and [h["epoch"] for h in result.state.history] == [1, 2, 3]
     assert result.state.history[-1]["train_loss"] < result.state.history[0]["train_loss"]
     np.testing.assert_allclose(result.model.mean.numpy(), x.mean(axis=0), rtol=1e-4, atol=1e-3)
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, state, step):
+        if state.global_step == self.step:
+            state.stop = True
+
+
+def test_the_stage_resumes_a_dataloader_run_from_its_checkpoint_bit_for_bit(tmp_path, processed):
+    directory, _ = processed
+    cfg = stage_config(tmp_path, loader="dataloader", num_workers=2, epochs=2, restore_best=None)
+    straight = train(cfg, directory).model.state_dict()
+
+    ckpt = CheckpointContext(CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=4, monitor=()), "f" * 16)
+    train(cfg, directory, hooks=[StopAt(14)], checkpoints=ckpt)   # newest checkpoint: step 12, 2 batches into epoch 2
+    resumed = train(cfg, directory, checkpoints=ckpt)
+    assert resumed.resumed_from is not None and "step 12, batch 2 of the epoch" in resumed.resume_note
+    assert all(torch.equal(straight[k], v) for k, v in resumed.model.state_dict().items())
 
 
 class Tags(NullTracker):
