@@ -22,6 +22,7 @@ from ml.train.divergence import TrainingDiverged
 from ml.train.step import StepOutput, train_step
 
 if TYPE_CHECKING:
+    from ml.train.distributed import RankSync
     from ml.train.memory import MemoryGuard
 
 logger = logging.getLogger(__name__)
@@ -164,18 +165,21 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024, *,
-                   autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict[str, float]:
+                   autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+                   sync: RankSync | None = None) -> dict[str, float]:
     """Mean cross-entropy and accuracy over a whole split (one device-to-host transfer at the end),
-    the forward passes under ``autocast`` (the training precision)."""
+    the forward passes under ``autocast`` (the training precision). Distributed (``sync``): ``x``
+    and ``y`` are this rank's share of the split, and the means are over every rank's share."""
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=x.device)   # summed loss, correct predictions
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)   # summed loss, correct predictions, samples
+    sums[2] = len(x)
     for i in range(0, len(x), batch_size):
         with autocast():
             logits = model(x[i:i + batch_size]).float()
         sums[0] += nn.functional.cross_entropy(logits, y[i:i + batch_size], reduction="sum").double()
         sums[1] += (logits.argmax(dim=1) == y[i:i + batch_size]).sum()
-    loss_sum, correct = sums.tolist()
-    return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
+    loss_sum, correct, samples = (sync.sum(sums) if sync is not None else sums).tolist()
+    return {"loss": loss_sum / samples, "accuracy": correct / samples}
 
 
 def fit(
@@ -199,6 +203,7 @@ def fit(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     max_skipped_steps: int | None = None,
     memory_guard: MemoryGuard | None = None,
+    sync: RankSync | None = None,
 ) -> LoopState:
     """Trains for ``epochs``; continues from ``state`` (possibly mid-epoch) when one is given.
 
@@ -225,6 +230,11 @@ def fit(
     ``max_skipped_steps`` of them in a row raise :class:`ml.train.divergence.TrainingDiverged`.
     ``memory_guard`` (:class:`ml.train.memory.MemoryGuard`) runs each step, on smaller micro-batches
     when memory runs short; pass it in ``hooks`` too for its state and events.
+
+    Distributed (``sync``, :class:`ml.train.distributed.RankSync`; ``train`` this rank's shard,
+    ``val`` too): the epoch's train sums and the validation sums are summed over the ranks, the
+    logged loss is the ranks' mean, and a stop one rank's hook asks for stops every rank after
+    the same step.
     """
     if log_every_steps < 1:
         raise ValueError(f"log_every_steps: expected an integer >= 1, got {log_every_steps!r}")
@@ -286,17 +296,19 @@ def fit(
             log("train/lr", lr, step)
             state.unlogged.append((step, state.epoch + 1, torch.stack((out.loss.float(), out.grad_norm.float()))))
             if len(state.unlogged) >= log_every_steps or state.batch_in_epoch == per_epoch:
-                _log_steps(tracker, hooks, state)
+                _log_steps(tracker, hooks, state, sync)
             for hook in hooks:
                 hook.on_step_end(state, out)
+            if sync is not None:
+                state.stop = sync.any(state.stop)
             if state.stop:
                 break
         if state.unlogged:  # stopped between logging intervals
-            _log_steps(tracker, hooks, state)
+            _log_steps(tracker, hooks, state, sync)
         if state.stop and state.batch_in_epoch < per_epoch:
             break
-        val_metrics = evaluate_split(eval_model or model, *val, autocast=autocast)
-        metrics = {**_train_means(sums), **_prefixed(val_metrics, "val_")}
+        val_metrics = evaluate_split(eval_model or model, *val, autocast=autocast, sync=sync)
+        metrics = {**_train_means(sync.sum(sums) if sync is not None else sums), **_prefixed(val_metrics, "val_")}
         state.epoch += 1
         state.batch_in_epoch = 0
         state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
@@ -335,10 +347,12 @@ def _count_skips(state: LoopState, out: StepOutput, tracker: Tracker, max_skippe
         raise TrainingDiverged(state.global_step, state.consecutive_skips)
 
 
-def _log_steps(tracker: Tracker, hooks: Sequence[Callback], state: LoopState) -> None:
-    """Logs the unlogged steps' loss and gradient norm and hands them to the hooks' ``on_log``."""
+def _log_steps(tracker: Tracker, hooks: Sequence[Callback], state: LoopState, sync: RankSync | None = None) -> None:
+    """Logs the unlogged steps' loss and gradient norm (distributed: the ranks' means) and hands
+    them to the hooks' ``on_log``."""
+    values = torch.stack([v for _, _, v in state.unlogged])
     # The one device-to-host transfer per logging interval: a GPU waits here, not at every step.
-    numbers = torch.stack([v for _, _, v in state.unlogged]).tolist()
+    numbers = (sync.mean(values) if sync is not None else values).tolist()
     values = [StepValues(step, epoch, loss, norm) for (step, epoch, _), (loss, norm) in zip(state.unlogged, numbers)]
     state.unlogged = []
     for v in values:
@@ -362,14 +376,16 @@ def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 def record_stop(model: nn.Module, state: LoopState, train: BatchSource | tuple[torch.Tensor, torch.Tensor],
                 val: tuple[torch.Tensor, torch.Tensor], batch_size: int, tracker: Tracker | None = None, *,
-                autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+                autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+                sync: RankSync | None = None) -> None:
     """After a stop mid-epoch: the partial epoch's running train means and the model evaluated on
     ``val`` as it stands, appended to the history at a fractional epoch (3.4 = 40% into the 4th), so
     a stopped run still reports where it ended."""
     if not state.batch_in_epoch:
         return
     sums = state.epoch_sums if state.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)
-    metrics = {**_train_means(sums), **_prefixed(evaluate_split(model, *val, autocast=autocast), "val_")}
+    metrics = {**_train_means(sync.sum(sums) if sync is not None else sums),
+               **_prefixed(evaluate_split(model, *val, autocast=autocast, sync=sync), "val_")}
     per_epoch = batches_per_epoch(len(train[0]), batch_size) if isinstance(train, tuple) else len(train)
     epoch = state.epoch + state.batch_in_epoch / per_epoch
     state.history.append({"epoch": round(epoch, 4), "step": state.global_step, **metrics})

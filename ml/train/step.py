@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ml.train.distributed import all_ranks_true, ddp_module, grad_sync
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -59,14 +61,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     ``clip_grad_norm`` scales the (unscaled) gradients down to that global norm when they exceed
     it. A step whose loss or gradient norm is not finite is skipped: no ``optimizer.step()``, the
     gradients dropped (:attr:`StepOutput.skipped`).
+
+    A ``model`` in DistributedDataParallel all-reduces the gradients once per step, in the last
+    micro-batch's backward (``no_sync`` for the others), and a step is skipped on every rank when
+    one rank's loss is not finite.
     """
     if not micro_batches:
         raise ValueError("micro_batches: expected at least one (inputs, targets) pair")
     total = sum(len(targets) for _, targets in micro_batches)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = correct = None
-    for inputs, targets in micro_batches:
-        with autocast():
+    for i, (inputs, targets) in enumerate(micro_batches):
+        with grad_sync(model, last=i == len(micro_batches) - 1), autocast():
             logits = model(inputs)
             loss = nn.functional.cross_entropy(logits.float(), targets)
         if len(micro_batches) > 1:
@@ -80,7 +86,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
             else torch.zeros((), device=loss_sum.device))
-    finite_loss, finite_norm = torch.stack((loss_sum.isfinite(), norm.isfinite())).tolist()
+    finite = torch.stack((loss_sum.isfinite(), norm.isfinite()))
+    if ddp_module(model) is not None:  # each rank has its own loss: all take the same decision
+        finite = all_ranks_true(finite)
+    finite_loss, finite_norm = finite.tolist()
     # fp16: gradients that overflow under a finite loss are GradScaler's to skip; elsewhere a
     # non-finite loss or gradient is a diverged step.
     overflow = scaler is not None and finite_loss and not finite_norm
