@@ -133,6 +133,14 @@ class MemoryGuardConfig(Section):
 EPOCH_METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
 
 
+class DistributedConfig(Section):
+    """train.distributed: data-parallel training, the train stage launching itself under torchrun
+    (ml.train.distributed)."""
+
+    nproc_per_node: Int = Field(1, gt=0, description="processes (ranks) training together on this machine, each on its own shard of every epoch with DistributedDataParallel; 1: one process, no torchrun; at most the CPU cores (gloo) or CUDA devices (nccl)")
+    backend: Literal["gloo", "nccl"] | None = Field(None, description="torch.distributed backend: gloo (CPU) or nccl (CUDA); null: nccl on CUDA, gloo on the CPU")
+
+
 class TrainConfig(Section):
     """train: the model, the optimizer and the loop."""
 
@@ -166,6 +174,7 @@ class TrainConfig(Section):
     compile: Annotated[Literal["off", "default", "reduce-overhead", "max-autotune"] | None, YamlOff] = Field(None, description="torch.compile mode of the training forward (a failure falls back to eager, recorded); null: from optimize")
     memory_format: Literal["contiguous", "channels_last"] | None = Field(None, description="memory format of a convolutional model's weights and images; null: from optimize")
     activation_checkpointing: bool | None = Field(None, description="recompute the activations of the model's blocks in backward (cnn, vit, a factory module's blocks marked activation_checkpoint_block); null: from optimize")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="data-parallel training under torchrun: ranks and backend")
     loader: Literal["memory", "dataloader", "auto"] = Field("auto", description="where batches come from: memory (the whole split as tensors on the device, a seeded permutation), dataloader (a torch DataLoader streaming the Parquet split's row groups, for splits larger than memory), auto (memory when the split fits memory_budget)")
     memory_budget: Float = Field(0.5, gt=0, le=1, description="a fraction in (0, 1] of the available memory (RAM on the CPU, free device memory on CUDA) that a split held whole may take: loader auto takes memory within it, dataloader beyond")
     num_workers: Int = Field(2, ge=0, description="worker processes the dataloader reads row groups in, >= 0 (0: in the training process; more than the cores available: that many, with a warning)")

@@ -3,7 +3,7 @@ rank with its own shard of every epoch, the model wrapped in ``DistributedDataPa
 
 The train stage launches itself (:func:`launch`): ``python -m ml.train.distributed`` runs
 ``torch.distributed.run``'s own entry (``--standalone --nproc_per_node N -m tasks.train ...``) and
-turns a failed rank into one line instead of torchrun's traceback. Each rank then finds itself
+turns a failed rank into one line instead of torchrun's error report and traceback. Each rank then finds itself
 in the environment torchrun sets (:func:`launched_rank`), joins the process group
 (:func:`process_group`) and trains; rank 0 alone tracks, checkpoints (the checkpoint manager
 gathers every rank's RNG and loop state into rank 0's checkpoint) and writes the model.
@@ -12,9 +12,13 @@ What keeps the ranks in step besides DDP's gradient all-reduce is :class:`RankSy
 epoch sums and logged losses are reduced across ranks, and a stop any rank's hook asks for is
 every rank's stop, so no rank waits in a collective the others never enter.
 
-When one rank dies, torchrun stops the others with SIGTERM: while training runs (the
-training loop, :func:`interrupt_on_sigterm`) that raises :class:`RankStopped`, so rank 0's MLflow run ends FAILED and no model
-is written; the newest committed checkpoint is where a rerun resumes.
+When one rank dies, the others' next collective fails, and torchrun stops them with SIGTERM, which
+raises :class:`RankStopped` while the training loop runs (:func:`interrupt_on_sigterm`) and is
+ignored during the cleanup after it: rank 0's MLflow run ends FAILED, no model is written, and the
+newest committed checkpoint is where a rerun resumes.
+
+The autotune choice (``train.optimize: auto``) is rank 0's, shared with :func:`rank0_json`:
+measurements differ between processes, the switches every rank trains with must not.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from ml.errors import ConfigError, PipelineError
 
 __all__ = ["RankInfo", "RankStopped", "RankSync", "all_ranks_true", "check_nproc", "ddp_module", "gather_digests",
            "grad_sync", "interrupt_on_sigterm", "launch", "launch_command", "launched_rank", "lost_peer",
-           "process_group", "rank_slots", "rank_sync", "resolve_backend", "root_failure", "seed_rank",
+           "process_group", "rank0_json", "rank_slots", "rank_sync", "resolve_backend", "root_failure", "seed_rank",
            "weights_digest", "wrap_model"]
 
 # The environment torchrun gives each rank.
@@ -239,6 +243,13 @@ def rank_sync() -> RankSync | None:
         return None
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     return RankSync(dist.get_rank(), dist.get_world_size(), device)
+
+
+def rank0_json(payload: Any) -> Any:
+    """Rank 0's ``payload`` (JSON-able; what other ranks pass is ignored) on every rank."""
+    from ml.checkpoint.distributed import broadcast_json, detect_distributed
+
+    return broadcast_json(detect_distributed(True), payload)
 
 
 def seed_rank(seed: int, rank: int) -> None:
