@@ -89,33 +89,39 @@ class RollbackRecord:
                 f"{self.checkpoint_step}), skipped {self.batches_skipped} batches; {self.reason}")
 
 
-class Rollbacks:
+class Rollbacks(Callback):
     """Rolls a diverged training back; see the module docstring.
+
+    A callback only for its state: the rollbacks so far are its ``state_dict()``, saved in training
+    checkpoints, so ``max_rollbacks`` counts over a resumed training too. Loading never forgets
+    rollbacks this process already made (the checkpoint a rollback restores predates it).
 
     Args:
         manager: the training's checkpoint manager, or None (nothing to roll back to).
         max_rollbacks: rollbacks allowed in this training (``train.max_rollbacks``).
         fingerprint: only checkpoints of this configuration (``extra["fingerprint"]``) are restored.
-        per_epoch: batches per epoch, to count the batches skipped across epoch boundaries.
         scheduler, scaler: restored with the model and optimizer, as on resume.
     """
 
+    state_key = "rollbacks"
+
     def __init__(self, manager: CheckpointManager | None, max_rollbacks: int, fingerprint: str | None, *,
-                 model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, per_epoch: int,
+                 model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                  scheduler: Any = None, scaler: Any = None, tracker: Tracker | None = None) -> None:
         if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
             raise ValueError(f"max_rollbacks: expected an integer >= 0, got {max_rollbacks!r}")
         self.manager, self.max_rollbacks, self.fingerprint = manager, max_rollbacks, fingerprint
         self.model, self.optimizer, self.generator = model, optimizer, generator
-        self.scheduler, self.scaler, self.per_epoch = scheduler, scaler, per_epoch
+        self.scheduler, self.scaler = scheduler, scaler
         self.tracker = tracker or NullTracker()
         self.records: list[RollbackRecord] = []
 
-    def recover(self, signal: TrainingDiverged | LossSpikeRollback,
-                live: LoopState) -> tuple[LoopState, dict[str, Any]]:
+    def recover(self, signal: TrainingDiverged | LossSpikeRollback, live: LoopState,
+                per_epoch: int) -> tuple[LoopState, dict[str, Any]]:
         """Restores the newest valid checkpoint before the trouble ``signal`` reports into the model,
         optimizer, scheduler, scaler and RNGs, and returns the loop state to continue from (the
         checkpoint's, at ``live``'s data position) with the callback states the checkpoint saved.
+        ``per_epoch``: batches per epoch, to count the batches skipped across epoch boundaries.
 
         Raises:
             TrainingDiverged, LossSpikeRollback: ``signal`` itself when ``max_rollbacks`` is 0.
@@ -136,7 +142,7 @@ class Rollbacks:
         state = LoopState()
         state.load_state_dict(restore_training_state(saved, self.model, self.optimizer, generator=self.generator,
                                                      scheduler=self.scheduler, scaler=self.scaler))
-        skipped = self._move_past(state, live, generator_now)
+        skipped = self._move_past(state, live, generator_now, per_epoch)
         record = RollbackRecord(len(self.records) + 1, live.global_step, start, name, state.global_step, skipped,
                                 str(signal))
         self.records.append(record)
@@ -161,11 +167,11 @@ class Rollbacks:
                 return name, saved
         return None
 
-    def _move_past(self, state: LoopState, live: LoopState, generator_now: torch.Tensor) -> int:
+    def _move_past(self, state: LoopState, live: LoopState, generator_now: torch.Tensor, per_epoch: int) -> int:
         """Puts the restored ``state`` at ``live``'s data position (the batches in between are
         skipped) and returns how many batches that skips. The counters of skipped and overflowed
         steps keep counting over the whole training."""
-        skipped = ((live.epoch - state.epoch) * self.per_epoch + live.batch_in_epoch - state.batch_in_epoch)
+        skipped = (live.epoch - state.epoch) * per_epoch + live.batch_in_epoch - state.batch_in_epoch
         same_epoch = live.epoch == state.epoch and state.batch_in_epoch > 0
         state.epoch, state.batch_in_epoch = live.epoch, live.batch_in_epoch
         state.epoch_generator_state = live.epoch_generator_state
@@ -190,6 +196,14 @@ class Rollbacks:
     def as_dicts(self) -> list[dict[str, Any]]:
         """The rollbacks so far, JSON-safe (for the run summary)."""
         return [asdict(r) for r in self.records]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": self.as_dicts()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        records = [RollbackRecord(**r) for r in state["records"]]
+        if len(records) > len(self.records):
+            self.records = records
 
 
 class BestWeights(Callback):

@@ -170,6 +170,9 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     if cfg.restore_best is not None:
         best = BestWeights(model, *cfg.restore_best.split(":"))
         all_hooks.append(best)
+    rollbacks = Rollbacks(manager, cfg.max_rollbacks, checkpoints.fingerprint if checkpoints else None, model=model,
+                          optimizer=optimizer, generator=generator, scheduler=scheduler, scaler=scaler, tracker=tracker)
+    all_hooks.append(rollbacks)  # for its state: the rollbacks so far count over a resume too
     guard = None
     if cfg.memory.check_every_steps is not None:
         guard = MemoryGuard(cfg.memory.check_every_steps, cfg.memory.soft_limit, cfg.memory.hard_limit, device=device,
@@ -205,9 +208,6 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                                  persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor))
     _record_loader(tracker, loader, 0)
     _record_compile(tracker, compiled)
-    rollbacks = Rollbacks(manager, cfg.max_rollbacks, checkpoints.fingerprint if checkpoints else None, model=model,
-                          optimizer=optimizer, generator=generator, scheduler=scheduler, scaler=scaler,
-                          per_epoch=len(train_data), tracker=tracker)
     state = state or LoopState()
     try:
         while True:
@@ -222,7 +222,7 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
             except (TrainingDiverged, LossSpikeRollback) as signal:
                 # fit left `state` where the divergence was noticed: the rollback restores the
                 # checkpoint before it and continues from there, past the batches in between
-                state, saved_callbacks = rollbacks.recover(signal, state)
+                state, saved_callbacks = rollbacks.recover(signal, state, len(train_data))
                 restore_callbacks(all_hooks, saved_callbacks)
                 if checkpoint_hook is not None:
                     checkpoint_hook.save_now(state)

@@ -20,7 +20,7 @@ from ml.settings import CheckpointConfig
 from ml.train.checkpoints import CheckpointContext
 from ml.train.divergence import TrainingDiverged
 from ml.train.loop import Callback, StepValues
-from ml.train.rollback import LossSpikeRollback, RollbackFailed, Rollbacks, trouble_start
+from ml.train.rollback import LossSpikeRollback, RollbackFailed, RollbackRecord, Rollbacks, trouble_start
 from ml.train.stage import train
 from tests.conftest import REPO
 
@@ -217,4 +217,51 @@ def test_trouble_starts_at_the_first_skipped_step_in_a_row():
 def test_bad_max_rollbacks_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^max_rollbacks: expected an integer >= 0, got -1$"):
         Rollbacks(None, -1, None, model=torch.nn.Linear(1, 1), optimizer=torch.optim.SGD([torch.zeros(1)], lr=1),
-                  generator=torch.Generator(), per_epoch=1)
+                  generator=torch.Generator())
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CrashAfterRollback(Callback):
+    """Ends the process (an exception) at the first step after a rollback."""
+
+    def __init__(self):
+        self.starts = 0
+
+    def on_train_start(self, state):
+        self.starts += 1
+
+    def on_step_end(self, state, step):
+        if self.starts > 1:
+            raise Interrupted
+
+
+def test_rollbacks_count_over_a_resume(processed, tmp_path):
+    """The rollbacks are in the training checkpoints: interrupted after one rollback, the resumed
+    training has one left of max_rollbacks 2, not two."""
+    cfg = train_config(tmp_path, max_rollbacks=2)
+    with pytest.raises(Interrupted):
+        train(cfg, processed, Recorder(), hooks=[CrashAfterRollback()], checkpoints=checkpoints(tmp_path),
+              hook_factory=poison(22, math.inf))
+    tracker = Recorder()
+    with pytest.raises(RollbackFailed, match="after 2 rollbacks"):
+        train(cfg, processed, tracker, checkpoints=checkpoints(tmp_path), hook_factory=poison(22, math.inf))
+    assert [v for _, v in tracker.metrics["train/rollbacks"]] == [2.0]
+
+
+def test_loading_rollback_state_never_forgets_rollbacks_made_since():
+    def rollbacks():
+        return Rollbacks(None, 3, None, model=torch.nn.Linear(1, 1),
+                         optimizer=torch.optim.SGD([torch.zeros(1)], lr=1), generator=torch.Generator())
+
+    made = rollbacks()
+    made.records = [RollbackRecord(1, 9, 7, "step-00000004", 4, 5, "why")]
+    resumed = rollbacks()
+    resumed.load_state_dict(made.state_dict())
+    assert resumed.records == made.records
+    before = made.state_dict()
+    made.records.append(RollbackRecord(2, 12, 10, "step-00000008", 8, 4, "again"))
+    made.load_state_dict(before)   # the checkpoint a rollback restores predates the rollback
+    assert len(made.records) == 2
