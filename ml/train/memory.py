@@ -181,8 +181,11 @@ class MemoryGuard(Callback):
         after = self.sample()
         self._event("collect", step_number, f"usage above train.memory.soft_limit {self.soft_limit:g}",
                     before=asdict(figures), after=asdict(after))
-        logger.warning("memory: above the soft limit at step %d, collected garbage: %s -> %s", step_number,
-                       figures.describe(), after.describe())
+        # the console hears of the first collection; the later ones are events and metrics only
+        first = sum(e["kind"] == "collect" for e in self.events) == 1
+        logger.log(logging.WARNING if first else logging.INFO,
+                   "memory: above the soft limit at step %d, collected garbage: %s -> %s", step_number,
+                   figures.describe(), after.describe())
         if after.usage > self.hard_limit:
             self._shrink(step_number, f"usage above train.memory.hard_limit {self.hard_limit:g}", after)
 
