@@ -38,6 +38,7 @@ import torch
 
 from ml.errors import PipelineError
 from ml.tracking.base import NullTracker, Tracker
+from ml.train.batches import Batch
 from ml.train.loop import Callback, LoopState
 from ml.train.step import StepOutput
 
@@ -47,7 +48,6 @@ __all__ = ["EVENTS_ARTIFACT", "MemoryExhausted", "MemoryFigures", "MemoryGuard",
 logger = logging.getLogger(__name__)
 
 EVENTS_ARTIFACT = "events/memory.jsonl"
-Batch = tuple[torch.Tensor, torch.Tensor]
 _MB = 1024 * 1024
 
 
