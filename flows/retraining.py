@@ -15,7 +15,8 @@ resource is ``mlops.dataset.<md5>``.
 
     python -m flows.retraining [--params params.yaml] [--source URI] [--no-version-data]
 
-The deployment ``training-pipeline/nightly-retrain`` (deploy/prefect.yaml) runs this flow.
+The deployment ``training-pipeline/nightly-retrain`` (deploy/prefect.yaml) runs this flow, in a
+workspace of its own like the training pipeline's deployment runs (flows/workspace.py).
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from prefect.states import Completed
 
 from flows.promotion import start_promotion
 from flows.training import check_data_remote, quiet_known_errors, start_pipeline_run, version_outputs, versions_data
+from flows.workspace import in_workspace
 from ml.errors import QualityGateFailed, cli_errors
 from tasks.evaluate import evaluate_task
 from tasks.prepare import prepare_task
 from tasks.register import register_task
-from tasks.retrain import (RETRAIN, SKIP, Decision, baselines, compare_on_splits, compared_params, dataset_diff,
+from tasks.retrain import (SKIP, Decision, baselines, compare_on_splits, compared_params, dataset_diff,
                            decide, materialize_dvc_dir, summary_markdown)
 from tasks.train import train_task
 from tasks.validate import validate_task
@@ -116,6 +118,7 @@ def finish(pipeline: Any, summary: dict[str, Any], status: str) -> None:
 
 
 @flow(name="training-pipeline", log_prints=True)
+@in_workspace
 def retraining_pipeline(params_path: str = "params.yaml", source: str | None = None,
                         version_data: bool = True) -> Any:
     """Refresh, decide, then skip or retrain (see the module docstring). Returns the summary; a
@@ -147,7 +150,6 @@ def retraining_pipeline(params_path: str = "params.yaml", source: str | None = N
             summary["decision"], status = "skipped", "FINISHED"
             state = Completed(name="Skipped", message=decision.reason, data=summary)
             return state
-        assert decision.action == RETRAIN
         if decision.new_data:
             emit(DATA_NEW_EVENT, md5, uri, {"previous": decision.baseline.dataset_md5 if decision.baseline else None,
                                              "reason": decision.reason})

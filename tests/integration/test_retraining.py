@@ -46,6 +46,7 @@ def env_of(project: Path, api_url: str, s3_endpoint: str) -> dict[str, str]:
 class Project:
     def __init__(self, path: Path, env: dict[str, str]) -> None:
         self.path, self.env = path, env
+        self.raw = pd.DataFrame()  # the digits as prepare wrote them for the first retraining
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), cwd=self.path, env=self.env, capture_output=True, text=True, timeout=600)
@@ -92,6 +93,7 @@ def project(tmp_path_factory, api_url, s3_server) -> Project:  # noqa: F811
     ok(project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "short retraining"))
     done = ok(project.retrain())
     assert "digits-classifier has no registered version yet" in done.stdout and project.versions() == ["1"]
+    project.raw = pd.read_csv(path / "data/raw/digits.csv")
     return project
 
 
@@ -123,7 +125,7 @@ def test_new_data_registers_a_challenger_compared_on_both_splits(project, s3_ser
                    "--allow-self-approval"))
     ok(project.run(str(BIN / "mlops"), "models", "promote", MODEL, "1"))
     champion_md5 = project.client.get_model_version(MODEL, "1").tags["dataset_md5"]
-    raw = pd.read_csv(project.path / "data/raw/digits.csv")
+    raw = project.raw.copy()
     bucket = s3_server.create_bucket("landing")
     s3_server.client().put_object(Bucket=bucket, Key="digits/new.csv", Body=raw.iloc[150:].to_csv(index=False))
 
@@ -160,7 +162,7 @@ def test_new_data_registers_a_challenger_compared_on_both_splits(project, s3_ser
 
 def test_drift_beyond_the_fail_threshold_registers_nothing(project, tmp_path):
     before = project.versions()
-    raw = pd.read_csv(project.path / "data/raw/digits.csv")
+    raw = project.raw.copy()
     raw["pixel_20"] = 16.0  # within the contract's range, far from every reference share
     raw.to_csv(tmp_path / "drifted.csv", index=False)
     done = project.retrain("--source", str(tmp_path / "drifted.csv"))
