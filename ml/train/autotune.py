@@ -3,13 +3,16 @@ handful of steps each, and picks the one that finishes the whole job soonest wit
 it learns.
 
 No library does this (Lightning and Hugging Face leave precision and compile to the user; HF's only
-automatic choice, ``auto_find_batch_size``, changes the effective batch), hence this module.
+automatic choice, ``auto_find_batch_size``, changes the effective batch), hence this module. It is
+longer than the project's usual module: candidates, probe, decision, table and cache are one
+feature whose rules below refer to each other, and read best in one place.
 
 Candidates: precision fp32, bf16 where the device has fast bf16 (:func:`ml.train.speed.fast_bf16`),
 fp16 on CUDA; compile off and ``default``; channels_last besides contiguous for a model with 2-d
 convolutions. A non-null ``train.precision``/``compile``/``memory_format`` pins that switch; the
 switches auto does not measure (fused AdamW, cudnn.benchmark, TF32) stay as in ``optimize: off``.
-Batches come from memory (the only batch source the train stage has).
+When the split does not fit memory, the setups are probed on its head, then the dataloader with
+each worker count of ``loaders`` is timed under the chosen setup (:func:`decide`).
 
 Each probe runs on a deep copy of the model with a fresh optimizer of the same kind, on the first
 batches of the training split, with the python, numpy and torch (CPU and CUDA) RNG states saved
@@ -102,11 +105,18 @@ class Candidate(_Frozen):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    workers: int | None = None   # the dataloader's workers, when the split does not fit memory
 
     @property
     def name(self) -> str:
         mode = "eager" if self.compile == "off" else ("compiled" if self.compile == "default" else self.compile)
-        return f"{self.precision} {mode}" + (" channels_last" if self.memory_format == "channels_last" else "")
+        loader = f", dataloader {self.workers} workers" if self.workers is not None else ""
+        return f"{self.precision} {mode}" + (" channels_last" if self.memory_format == "channels_last" else "") + loader
+
+    @property
+    def compute(self) -> Candidate:
+        """The same setup with batches from memory (the probe of its numerics)."""
+        return self.model_copy(update={"workers": None})
 
 
 REFERENCE = Candidate()
@@ -134,11 +144,12 @@ class Decision(_Frozen):
     rows: tuple[Row, ...]
     job_steps: int
     probe_s: float
+    loader: Literal["memory", "dataloader"] = "memory"
     cached: bool = False
 
     def settings(self, base: SpeedSettings) -> SpeedSettings:
         """``base`` (the ``optimize: off`` switches and the explicit keys) with the chosen setup."""
-        return SpeedSettings(**{**base.__dict__, **self.chosen.model_dump()})
+        return SpeedSettings(**{**base.__dict__, **self.chosen.compute.model_dump(exclude={"workers"})})
 
     def table(self) -> dict[str, list[Any]]:
         """The decision table as columns (MLflow's table artifact layout)."""
@@ -163,7 +174,9 @@ class Decision(_Frozen):
     def summary_line(self) -> str:
         """One console line: the choice, where the batches come from, and why."""
         origin = f"; cached in {CACHE_FILE}, --retune measures again" if self.cached else ""
-        return f"train: optimize auto: {self.chosen.name}, batches from memory ({self.reason}{origin})"
+        batches = ("batches from memory" if self.loader == "memory" else
+                   "batches from the dataloader" + (" (train.num_workers)" if self.chosen.workers is None else ""))
+        return f"train: optimize auto: {self.chosen.name}, {batches} ({self.reason}{origin})"
 
     def tags(self) -> dict[str, str]:
         """The run tags that summarize the decision."""
@@ -215,9 +228,11 @@ def probe_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, accumulate_
 
 def measurer(model: nn.Module, make_optimizer: OptimizerFactory, steps: Sequence[Sequence[Batch]],
              compile_shapes: Sequence[Batch], device: torch.device, policy: Policy,
-             activation_checkpointing: bool = False) -> Measure:
+             activation_checkpointing: bool = False,
+             dataloader: Callable[[int], Iterable[Batch]] | None = None) -> Measure:
     """The real probe of the module docstring, as a function of the candidate (the seam the tests
-    replace with a fake for the decision logic)."""
+    replace with a fake for the decision logic). A candidate with ``workers`` takes its batches
+    from ``dataloader(workers)`` and is timed only (the loader does not change the math)."""
 
     def measure(c: Candidate) -> Row:
         start = time.perf_counter()
@@ -235,11 +250,12 @@ def measurer(model: nn.Module, make_optimizer: OptimizerFactory, steps: Sequence
             torch._dynamo.reset()
             return Row(candidate=c, compile_s=compiled.seconds, probe_s=time.perf_counter() - start,
                        rejected=f"compile failed: {compiled.fallback_reason}")
-        step = lambda i: train_step(compiled.forward, optimizer, steps[i % len(steps)], autocast=autocast,  # noqa: E731
-                                    scaler=scaler)
+        feed = grouped_steps(dataloader(c.workers), len(steps[0])) if c.workers is not None and dataloader else None
+        step = lambda i: train_step(compiled.forward, optimizer, next(feed) if feed else steps[i % len(steps)],  # noqa: E731
+                                    autocast=autocast, scaler=scaler)
         for i in range(policy.loss_steps):
             step(i)
-        loss = _loss(probe, steps, autocast)
+        loss = _loss(probe, steps, autocast) if feed is None else None
         done, timed_start = 0, time.perf_counter()
         while done < policy.min_steps or (done < policy.max_steps
                                           and time.perf_counter() - timed_start < policy.min_seconds):
@@ -247,12 +263,26 @@ def measurer(model: nn.Module, make_optimizer: OptimizerFactory, steps: Sequence
             done += 1
         float(out.loss)  # waits for the device
         elapsed = time.perf_counter() - timed_start
+        if feed is not None:
+            feed.close()   # ends the loader's workers
         if c.compile != "off":
             torch._dynamo.reset()  # the real run compiles afresh, within dynamo's recompile limit
         return Row(candidate=c, steps_per_s=done / elapsed, compile_s=compiled.seconds, loss=loss,
                    peak_mb=_peak_mb(device), probe_s=time.perf_counter() - start)
 
     return measure
+
+
+def grouped_steps(source: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Steps of ``size`` micro-batches from ``source``, its epochs repeated for as long as asked."""
+    while True:
+        batches = iter(source)
+        group: list[Batch] = []
+        for batch in batches:
+            group.append(batch)
+            if len(group) == size:
+                yield group
+                group = []
 
 
 @torch.no_grad()
@@ -290,15 +320,22 @@ def _peak_mb(device: torch.device) -> float | None:
     return None if line is None else int(line.split()[1]) / 1024
 
 
-def decide(options: Sequence[Candidate], measure: Measure, job_steps: int, policy: Policy = Policy()) -> Decision:
+def decide(options: Sequence[Candidate], measure: Measure, job_steps: int, policy: Policy = Policy(),
+           loaders: Sequence[int] = ()) -> Decision:
     """Probes within the budget and chooses (the rules of the module docstring). ``options`` are
-    the candidates allowed; fp32 eager is probed as the reference whether allowed or not."""
+    the candidates allowed; fp32 eager is probed as the reference whether allowed or not. With
+    ``loaders`` (the split does not fit memory), the dataloader with each of those worker counts is
+    then probed under the chosen setup, eager (compiling once per loader would cost more than it
+    tells), and the fastest taken; its estimate adds the chosen setup's compile seconds."""
     rows: dict[Candidate, Row] = {}
+    chosen_compile_s = 0.0
 
     def estimate(row: Row) -> Row:
         if row.rejected is not None or row.steps_per_s is None:
             return row
         job = job_steps / row.steps_per_s + (row.compile_s or 0.0)
+        if row.candidate.workers is not None:
+            return row.model_copy(update={"job_s": job + chosen_compile_s})
         if row.candidate == REFERENCE:
             return row.model_copy(update={"job_s": job, "loss_gap": 0.0} if math.isfinite(row.loss or math.nan)
                                   else {"job_s": job, "rejected": f"loss {row.loss} is not finite"})
@@ -350,7 +387,22 @@ def decide(options: Sequence[Candidate], measure: Measure, job_steps: int, polic
     for c in sorted(compiled, key=eager_job):
         probe(c)
     table = tuple(rows[c] for c in [REFERENCE, *[c for c in rows if c != REFERENCE]])
-    return Decision(**_choose(table, options, policy), rows=table, job_steps=job_steps, probe_s=spent)
+    choice = _choose(table, options, policy)
+    if not loaders:
+        return Decision(**choice, rows=table, job_steps=job_steps, probe_s=spent)
+    chosen_row = rows.get(choice["chosen"])
+    chosen_compile_s = chosen_row.compile_s or 0.0 if chosen_row is not None else 0.0
+    for workers in loaders:
+        probe(choice["chosen"].model_copy(update={"compile": "off", "workers": workers}))
+    timed = [rows[c] for c in rows if c.workers is not None and rows[c].job_s is not None]
+    if timed:
+        fastest = min(timed, key=lambda r: r.job_s)
+        choice = {"chosen": choice["chosen"].model_copy(update={"workers": fastest.candidate.workers}),
+                  "reason": f"{choice['reason']}; dataloader: {fastest.candidate.workers} workers fastest"}
+    else:
+        choice["reason"] += "; dataloader workers not probed: train.num_workers"
+    table = tuple(rows[c] for c in [REFERENCE, *[c for c in rows if c != REFERENCE]])
+    return Decision(**choice, rows=table, job_steps=job_steps, probe_s=spent, loader="dataloader")
 
 
 def _with_eager_counterparts(options: Sequence[Candidate]) -> list[Candidate]:
@@ -432,13 +484,16 @@ def read_cache(path: Path) -> dict[str, _Entry]:
 def tune(model: nn.Module, make_optimizer: OptimizerFactory, train: Batch, *, batch_size: int,
          accumulate_steps: int, job_steps: int, device: torch.device, pinned: dict[str, str | None],
          activation_checkpointing: bool = False, cache_dir: str | Path | None = None, retune: bool = False,
-         policy: Policy = Policy(), measure: Measure | None = None) -> Decision:
+         policy: Policy = Policy(), measure: Measure | None = None,
+         dataloader: Callable[[int], Iterable[Batch]] | None = None, loaders: Sequence[int] = ()) -> Decision:
     """The decision for training ``model`` (on ``device``, not yet converted to any setup) on the
-    ``train`` tensors: from the cache in ``cache_dir`` when it has the key (unless ``retune``), else
-    measured (``measure`` replaces the real probe) and written there. Probing leaves ``model`` and
-    every RNG state as they were."""
+    ``train`` tensors (the split, or its head when it does not fit memory: then ``dataloader(n)``
+    gives the split's batches through n workers, for each n of ``loaders``): from the cache in
+    ``cache_dir`` when it has the key (unless ``retune``), else measured (``measure`` replaces the
+    real probe) and written there. Probing leaves ``model`` and every RNG state as they were."""
     key = cache_key(model.spec.to_json() if hasattr(model, "spec") else {"class": type(model).__qualname__},
                     batch_size, accumulate_steps, pinned, activation_checkpointing, device)
+    key["loaders"] = list(loaders)
     digest, path = _digest(key), Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
     entries = read_cache(path) if path is not None else {}
     if digest in entries and not retune:
@@ -449,8 +504,8 @@ def tune(model: nn.Module, make_optimizer: OptimizerFactory, train: Batch, *, ba
     with preserved_rng():
         decision = decide(candidates(model, device, pinned),
                           measure or measurer(model, make_optimizer, steps, shapes, device, policy,
-                                              activation_checkpointing),
-                          job_steps, policy)
+                                              activation_checkpointing, dataloader),
+                          job_steps, policy, loaders)
     if path is not None:
         entries = {**entries, digest: _Entry(key=key, decision=decision)}
         path.parent.mkdir(parents=True, exist_ok=True)

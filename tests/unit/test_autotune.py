@@ -272,3 +272,32 @@ def test_the_fingerprint_holds_the_chosen_setup(digits, tmp_path):
     assert len(fingerprints) == 2 and config_fingerprint(cfg, "md5", speed) in fingerprints
     with pytest.raises(ValueError, match="train.optimize auto needs the tuned speed settings"):
         config_fingerprint(cfg, "md5")
+
+
+def test_a_split_that_does_not_fit_memory_times_the_dataloaders_workers_under_the_chosen_setup(capsys):
+    loader_rows = {BF16.model_copy(update={"workers": w}): (sps, 0.0, None) for w, sps in ((0, 20.0), (2, 35.0))}
+    probe = FakeProbe({REFERENCE: (10.0, 0.0, 2.0), BF16: (40.0, 0.0, 2.01), **loader_rows})
+    decision = decide([REFERENCE, BF16], probe, job_steps=1000, policy=ALL, loaders=(0, 2))
+    assert probe.calls[-2:] == list(loader_rows)   # eager, bf16: the setup chosen from memory batches
+    assert decision.chosen == BF16.model_copy(update={"workers": 2}) and decision.loader == "dataloader"
+    assert decision.settings(SpeedSettings()).precision == "bf16"
+    assert row(decision, BF16.model_copy(update={"workers": 2})).job_s == pytest.approx(1000 / 35)
+    assert decision.summary_line().startswith("train: optimize auto: bf16 eager, dataloader 2 workers, batches "
+                                              "from the dataloader (")
+    assert decision.reason.endswith("; dataloader: 2 workers fastest")
+
+
+def test_the_real_probe_takes_a_dataloaders_batches_and_only_times_them():
+    model = small_model()
+    x, y = torch.randn(96, 8), torch.randint(0, 3, (96,))
+    steps = probe_batches(x, y, 32, 1)
+    served = []
+
+    def dataloader(workers):
+        served.append(workers)
+        return [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+
+    measure = measurer(model, lambda p: torch.optim.AdamW(p, lr=0.01), steps, steps[0], torch.device("cpu"),
+                       Policy(min_steps=4, max_steps=4), dataloader=dataloader)
+    timed = measure(Candidate(workers=2))
+    assert served and set(served) == {2} and timed.steps_per_s > 0 and timed.loss is None
