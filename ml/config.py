@@ -176,7 +176,7 @@ class TrainConfig(Section):
     activation_checkpointing: bool | None = Field(None, description="recompute the activations of the model's blocks in backward (cnn, vit, a factory module's blocks marked activation_checkpoint_block); null: from optimize")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="data-parallel training under torchrun: ranks and backend")
     loader: Literal["memory", "dataloader", "auto"] = Field("auto", description="where batches come from: memory (the whole split as tensors on the device, a seeded permutation), dataloader (a torch DataLoader streaming the Parquet split's row groups, for splits larger than memory), auto (memory when the split fits memory_budget)")
-    memory_budget: Float = Field(0.5, gt=0, le=1, description="a fraction in (0, 1] of the available memory (RAM on the CPU, free device memory on CUDA) that a split held whole may take: loader auto takes memory within it, dataloader beyond")
+    memory_budget: Float = Field(0.5, gt=0, le=1, description="a fraction in (0, 1] of the machine's memory (physical RAM or the cgroup limit; the device's memory on CUDA) that a split held whole may take: loader auto takes memory within it, dataloader beyond")
     num_workers: Int = Field(2, ge=0, description="worker processes the dataloader reads row groups in, >= 0 (0: in the training process; more than the cores available: that many, with a warning)")
     pin_memory: bool = Field(True, description="dataloader: batches in page-locked memory for asynchronous copies to a CUDA device (ignored on the CPU)")
     persistent_workers: bool = Field(True, description="dataloader: workers stay alive between epochs")

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import psutil
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -355,25 +354,21 @@ class LoaderChoice:
     reason: str
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes a split held whole may use: free device memory on CUDA, else available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
-
-
 def choose_loader(loader: str, split_bytes: int, memory_budget: float, device: torch.device,
-                  available: int | None = None) -> LoaderChoice:
+                  memory: int | None = None) -> LoaderChoice:
     """``memory`` or ``dataloader`` for ``train.loader``: ``auto`` takes memory when the split's
-    ``split_bytes`` fit ``memory_budget`` (a fraction) of the ``available`` memory (default
-    :func:`available_memory`)."""
+    ``split_bytes`` fit ``memory_budget`` (a fraction) of the machine's ``memory`` (default
+    :func:`ml.train.memory.memory_limit_base`: physical RAM or the cgroup limit, the device's memory
+    on CUDA). The machine's total, not what is free at the moment, so a resumed run takes the loader
+    the interrupted one took."""
+    from ml.train.memory import memory_limit_base   # ml.train.memory imports this module
+
     size = f"{split_bytes / 2**20:.1f} MB"
     if loader != "auto":
         return LoaderChoice(loader, f"train.loader is {loader} (the split: {size})")
-    available = available_memory(device) if available is None else available
-    budget = memory_budget * available
-    where = f"{memory_budget:g} of the {available / 2**30:.2f} GB {'free on the device' if device.type == 'cuda' else 'available'}"
-    if split_bytes <= budget:
+    memory = memory_limit_base(device) if memory is None else memory
+    where = f"{memory_budget:g} of the {memory / 2**30:.2f} GB of {'device' if device.type == 'cuda' else 'RAM'}"
+    if split_bytes <= memory_budget * memory:
         return LoaderChoice("memory", f"the split ({size}) fits train.memory_budget ({where})")
     return LoaderChoice("dataloader", f"the split ({size}) exceeds train.memory_budget ({where})")
 

@@ -234,7 +234,7 @@ VAL = (torch.randn(40, FEATURES, generator=torch.Generator().manual_seed(8)), to
     ("auto", 400, "memory"), ("auto", 600, "dataloader"), ("memory", 10**12, "memory"),
     ("dataloader", 1, "dataloader")])
 def test_auto_takes_memory_when_the_split_fits_the_budget(loader, size, expected):
-    choice = choose_loader(loader, size, 0.5, torch.device("cpu"), available=1000)
+    choice = choose_loader(loader, size, 0.5, torch.device("cpu"), memory=1000)
     assert choice.name == expected
     if loader == "auto":
         assert ("fits" if expected == "memory" else "exceeds") in choice.reason and "train.memory_budget" in choice.reason
