@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from deploy.serve import InputSpec, InvalidInput, parse_inputs
+from deploy.inputs import InputSpec, InvalidInput, parse_inputs
 
 FEATURES = InputSpec(width=3, dtype="float32", columns=("length", "weight", "age"))
 

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from deploy.serve import InputSpec, InvalidInput, parse_inputs, public_uri
+from deploy.inputs import InputSpec, InvalidInput, parse_inputs
+from deploy.model_loader import public_uri
 from ml.errors import RegistryError
 
 TENSOR = InputSpec(width=3, dtype="float32")
