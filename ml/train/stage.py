@@ -131,9 +131,11 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     schema = Schema.read(processed_dir)
     train_split = ParquetSplit(Path(processed_dir) / "train.parquet", schema.features, schema.classes)
     loader = choose_loader(cfg.loader, train_split.nbytes, cfg.memory_budget, device)
-    # the dataloader never holds the split: its head serves what needs rows at hand (compile shapes, autotune)
+    # the dataloader never holds the split: its head serves what needs rows at hand (compile shapes,
+    # autotune), as many rows past whole batches as the split has, so its last batch has the split's shape
     x_train, y_train = (load_split(processed_dir, "train") if loader.name == "memory"
-                        else train_split.head(16 * cfg.batch_size * cfg.accumulate_steps))
+                        else train_split.head(16 * cfg.batch_size * cfg.accumulate_steps
+                                              + train_split.rows % cfg.batch_size))
     x_val, y_val = load_split(processed_dir, "val")
     speed = resolve_speed(cfg, device)
     apply_backend_flags(speed)
