@@ -185,3 +185,21 @@ def test_an_unreachable_source_fails_in_one_line_and_registers_nothing(project, 
     assert project.versions() == before
     run = project.last_pipeline_run()
     assert run.info.status == "FAILED" and "no such key" in run.data.tags["retrain_reason"]
+
+
+def test_the_nightly_deployment_runs_the_retraining_with_its_trigger_paused(project, api_url):
+    """deploy/prefect.yaml applied as `mlops up` applies it: the deployment's entrypoint is this
+    flow and its event trigger becomes an automation owned by it, disabled until a user enables it."""
+    from prefect.client.orchestration import get_client
+
+    from mlops import services
+
+    services.deploy_flows(project.path, {"PREFECT_API_URL": api_url, "PYTHONPATH": str(project.path)})
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("training-pipeline/nightly-retrain")
+        automations = client.read_automations_by_name("retrain-on-new-data")
+    assert deployment.entrypoint == "flows/retraining.py:retraining_pipeline"
+    assert deployment.parameter_openapi_schema["properties"].keys() == {"params_path", "source", "version_data"}
+    (automation,) = automations
+    assert automation.enabled is False and automation.trigger.expect == {"mlops.data.new"}
+    assert automation.actions[0].deployment_id == deployment.id
