@@ -301,3 +301,27 @@ def test_the_real_probe_takes_a_dataloaders_batches_and_only_times_them():
                        Policy(min_steps=4, max_steps=4), dataloader=dataloader)
     timed = measure(Candidate(workers=2))
     assert served and set(served) == {2} and timed.steps_per_s > 0 and timed.loss is None
+
+
+@pytest.mark.slow
+def test_an_auto_run_through_the_dataloader_takes_the_workers_it_timed(digits):
+    project, params, processed = digits
+    base = {**params.train.model_dump(), "epochs": 1, "compile": "off", "loader": "dataloader", "num_workers": 0}
+    auto = TrainConfig.model_validate({**base, "optimize": "auto", "model_dir": str(project / "auto-dl"),
+                                       "metrics_file": str(project / "auto-dl.json")})
+    tags = {}
+
+    class Tags(NullTracker):
+        def set_tags(self, t):
+            tags.update(t)
+
+    probed = train(auto, processed, Tags(), autotune_policy=ALL)
+    workers = int(tags["autotune.choice"].split("dataloader ")[1].split(" workers")[0])
+    assert workers in (0, 2) and int(tags["autotune.probed"]) == 4   # fp32, bf16 eager; 0 and 2 workers
+    assert tags["loader"] == "dataloader"
+    hand = TrainConfig.model_validate({**base, "num_workers": workers, "precision": probed.speed.precision,
+                                       "model_dir": str(project / "hand-dl"),
+                                       "metrics_file": str(project / "hand-dl.json")})
+    by_hand = train(hand, processed)
+    for key, value in probed.model.state_dict().items():
+        assert torch.equal(value, by_hand.model.state_dict()[key]), key
