@@ -95,6 +95,10 @@ def print_record(record: Any, as_json: bool) -> None:
             print(f"  {key}: {record.tags[key]}")
     if record.tags.get("champion_gate"):
         print(f"  {champion_comparison(record.tags)}")
+    if record.tags.get("retrain_replaces"):
+        from tasks.retrain import replacement_line
+
+        print(f"  retraining: {replacement_line(record.tags)}")
     if "release_version" in record.tags:
         print(f"  release: {record.tags['release_version']} at {record.tags.get('release_location', '?')} "
               f"(model.safetensors sha256 {record.tags.get('release_sha256', '?')})")
