@@ -159,3 +159,18 @@ def test_bad_restore_best_and_max_rollbacks_are_one_line(tmp_path, train, messag
         load_params(path)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
+
+
+def test_a_milestone_carries_the_grad_scaler_state(tmp_path):
+    from ml.train.checkpoints import MilestoneHook
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with CheckpointManager(tmp_path / "ckpt", async_save=False) as manager:
+        hook = MilestoneHook(manager, model, optimizer, torch.Generator(), ["val_loss:min"], {}, None, scaler=scaler)
+        state = LoopState(epoch=1, global_step=3)
+        hook.on_epoch_end(state, {"val_loss": 0.5})
+        name, _, _ = manager.best("val_loss")
+        saved = manager.load_checkpoint("milestone", name)
+    assert saved["scaler"]["scale"] == 1024.0 and saved["scheduler"] is None
