@@ -34,7 +34,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows.promotion import start_promotion
-from flows.training import check_data_remote, quiet_known_errors, start_pipeline_run, version_outputs, versions_data
+from flows.training import (check_data_remote, quiet_flow_console, quiet_known_errors, start_pipeline_run,
+                            version_outputs, versions_data)
 from flows.workspace import in_workspace
 from ml.errors import QualityGateFailed, cli_errors
 from tasks.evaluate import evaluate_task
@@ -193,7 +194,8 @@ def retraining_pipeline(params_path: str = "params.yaml", source: str | None = N
         start_promotion(registered["model_name"], registered["version"])
         return summary
     except Exception as exc:
-        summary.update(decision="failed", error=str(exc), reason=summary["reason"] or str(exc).splitlines()[0])
+        changes = f" (retraining because: {summary['reason']})" if summary["reason"] else ""
+        summary.update(decision="failed", error=str(exc), reason=str(exc).splitlines()[0] + changes)
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     own = args.source is None or args.source == params.data.source
     check_data_remote(own and versions_data(args.params, not args.no_version_data))
+    quiet_flow_console()
     state = retraining_pipeline(args.params, args.source, version_data=not args.no_version_data, return_state=True)
     summary = state.result()
     print(f"{state.name}: {summary['reason']}")

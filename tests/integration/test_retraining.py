@@ -171,6 +171,7 @@ def test_drift_beyond_the_fail_threshold_registers_nothing(project, tmp_path):
     assert project.versions() == before
     run = project.last_pipeline_run()
     assert run.info.status == "FAILED" and run.data.tags["retrain_decision"] == "failed"
+    assert run.data.tags["retrain_reason"].startswith("data validation failed: drift")
     md5 = run.data.tags["dataset_md5"]
     assert wait_for_events("mlops.drift.detected", f"mlops.dataset.{md5}")
 
