@@ -143,11 +143,8 @@ def materialize_dvc_dir(md5: str, dest: Path, repo_dir: str | Path = ".") -> boo
                 target = dest.joinpath(*key)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        print(f"DVC cache: {md5}: {exc.__class__.__name__}")
-        return False
-    except Exception as exc:  # noqa: BLE001 - not a DVC repository, or a damaged .dir listing
-        print(f"DVC cache: {md5}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    except Exception as exc:  # noqa: BLE001 - not a DVC repository, no such listing, or a damaged one
+        print(f"DVC cache: {md5}: {exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
         return False
     return (dest / "test.parquet").is_file() and (dest / "schema.json").is_file()
 

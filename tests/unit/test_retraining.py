@@ -113,3 +113,25 @@ def test_the_nightly_deployment_runs_the_retraining_flow_and_its_trigger_parses(
     (trigger,) = [TypeAdapter(DeploymentTriggerTypes).validate_python(t) for t in nightly["triggers"]]
     assert isinstance(trigger, DeploymentEventTrigger) and trigger.enabled is False
     assert trigger.expect == {DATA_NEW_EVENT} and trigger.parameters == {"params_path": "params.yaml"}
+
+
+def test_a_directory_comes_back_out_of_the_dvc_cache_by_its_md5(tmp_path, monkeypatch):
+    from dvc.repo import Repo
+
+    from ml.provenance import dir_md5
+    from tasks.retrain import materialize_dvc_dir
+
+    monkeypatch.chdir(tmp_path)
+    Repo.init(no_scm=True).close()
+    data = tmp_path / "processed"
+    data.mkdir()
+    for name, text in (("test.parquet", "t"), ("train.parquet", "tr"), ("schema.json", "{}")):
+        (data / name).write_text(text)
+    md5 = dir_md5(data)
+    with Repo(".") as repo:
+        repo.add("processed")
+    out = tmp_path / "out"
+    assert materialize_dvc_dir(md5, out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {p.name: p.read_text() for p in data.iterdir()}
+    assert not materialize_dvc_dir("0" * 32 + ".dir", tmp_path / "none")
+    assert not materialize_dvc_dir("0" * 32, tmp_path / "none")
