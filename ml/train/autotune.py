@@ -19,7 +19,8 @@ batches of the training split, with the python, numpy and torch (CPU and CUDA) R
 before and restored after, so the real run is bit-identical to one with the chosen setup written by
 hand. A probe compiles (timed), runs ``Policy.loss_steps`` steps and evaluates the loss on the probe
 batches (under the candidate's autocast, as validation runs), then times steps until
-``Policy.min_seconds`` have passed (between ``min_steps`` and ``max_steps`` steps).
+``Policy.min_seconds`` have passed (between ``min_steps`` and ``max_steps`` steps); its speed is
+the median step's.
 
 Rules (:class:`Policy`):
     numerics: a candidate counts only if its loss after the probe steps is within ``tolerance``
@@ -53,6 +54,7 @@ import logging
 import math
 import platform
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -256,18 +258,19 @@ def measurer(model: nn.Module, make_optimizer: OptimizerFactory, steps: Sequence
         for i in range(policy.loss_steps):
             step(i)
         loss = _loss(probe, steps, autocast) if feed is None else None
-        done, timed_start = 0, time.perf_counter()
-        while done < policy.min_steps or (done < policy.max_steps
-                                          and time.perf_counter() - timed_start < policy.min_seconds):
-            out = step(policy.loss_steps + done)
-            done += 1
-        float(out.loss)  # waits for the device
-        elapsed = time.perf_counter() - timed_start
+        # the median step, each waited for: a burst of load from another process moves it less than the mean
+        times: list[float] = []
+        timed_start = time.perf_counter()
+        while len(times) < policy.min_steps or (len(times) < policy.max_steps
+                                                and time.perf_counter() - timed_start < policy.min_seconds):
+            begin = time.perf_counter()
+            float(step(policy.loss_steps + len(times)).loss)  # waits for the device
+            times.append(time.perf_counter() - begin)
         if feed is not None:
             feed.close()   # ends the loader's workers
         if c.compile != "off":
             torch._dynamo.reset()  # the real run compiles afresh, within dynamo's recompile limit
-        return Row(candidate=c, steps_per_s=done / elapsed, compile_s=compiled.seconds, loss=loss,
+        return Row(candidate=c, steps_per_s=1 / statistics.median(times), compile_s=compiled.seconds, loss=loss,
                    peak_mb=_peak_mb(device), probe_s=time.perf_counter() - start)
 
     return measure
