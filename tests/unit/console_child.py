@@ -109,10 +109,47 @@ def lingering(log: str) -> None:
     report(child_returncode=child.wait(timeout=60))
 
 
+def third_party(log: str) -> None:
+    """Another library's logger (with a handler of its own, propagating to the root's too, as DVC's
+    does) and warnings raised from its code, against the project's own."""
+    from ml.tracking import console
+
+    logging.basicConfig(format="root| %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    library = logging.getLogger("thirdlib.checks")
+    library.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("own| %(message)s"))
+    logging.getLogger("thirdlib").addHandler(handler)
+    logging.getLogger("prefect.task_runs").setLevel(logging.INFO)
+    showwarning = warnings.showwarning
+    own_file = console.__file__  # a file of the project's packages
+    with capture_console(log, third_party_to_log=True):
+        print("stage-line")
+        library.info("library-info")
+        library.warning("library-warning")
+        library.error("library-error")
+        logging.getLogger("ml.train.stage").warning("own-warning")
+        logging.getLogger("prefect.task_runs").info("task-run-state")
+        warnings.warn_explicit("library-userwarning", UserWarning, "/opt/site-packages/thirdlib/data.py", 7)
+        warnings.warn_explicit("own-userwarning", UserWarning, own_file, 1)
+        late = logging.getLogger("latelib")  # a library that adds its console handler on import, as DVC does
+        late.addHandler(logging.StreamHandler(sys.stdout))
+        late.setLevel(logging.INFO)
+        late.info("late-library-info")
+        subprocess.run([sys.executable, "-c", CHILD], check=True)
+    library.warning("library-after-block")
+    warnings.warn_explicit("library-userwarning-after", UserWarning, "/opt/site-packages/thirdlib/data.py", 8)
+    report(showwarning_restored=warnings.showwarning is showwarning,
+           filters_removed=not handler.filters and not any(h.filters for h in logging.getLogger().handlers)
+           and not logging.getLogger("latelib").handlers[0].filters,
+           record_factory_restored=logging.getLogRecordFactory() is logging.LogRecord)
+
+
 def main() -> None:
     scenario, *logs = sys.argv[1:]
     {"streams": streams, "exception": exception, "caught": caught, "system_exit": system_exit, "large": large,
-     "nested": nested, "original": original, "lingering": lingering}[scenario](*logs)
+     "nested": nested, "original": original, "lingering": lingering,
+     "third_party": third_party}[scenario](*logs)
 
 
 if __name__ == "__main__":

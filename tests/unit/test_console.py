@@ -150,6 +150,27 @@ def test_append_mode_keeps_earlier_content(tmp_path):
     assert log.read_text() == ""
 
 
+def test_third_party_output_goes_to_the_log_only_and_the_projects_own_to_both(tmp_path):
+    log = tmp_path / "stage.log"
+    result = run_child("third_party", log)
+    assert result.returncode == 0, result.stderr.decode()
+    text, out, err = log.read_text(), result.stdout.decode(), result.stderr.decode()
+    terminal = out + err
+    for line in ("stage-line", "library-error", "own-warning", "task-run-state", "own-userwarning", "child-stdout",
+                 "child-stderr"):
+        assert line in text and line in terminal, line
+    for line in ("library-info", "library-warning", "library-userwarning", "late-library-info"):
+        assert line in text and line not in terminal.replace("library-userwarning-after", ""), line
+    # formatted by the library's handler, once although two handlers print it
+    assert "own| library-info" in text and "root| thirdlib.checks INFO library-info" not in text
+    assert "data.py:7: UserWarning: library-userwarning" in text
+    # after the block the library speaks on the terminal again, and nothing is left installed
+    assert "library-after-block" in err and "library-userwarning-after" in err
+    assert "after" not in text
+    assert observations(result) == {"showwarning_restored": True, "filters_removed": True,
+                                    "record_factory_restored": True}
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"^drain_timeout_s: expected a number >= 0, got -1$"):
         capture_console(tmp_path / "x.log", drain_timeout_s=-1)
