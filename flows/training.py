@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +79,17 @@ def version_outputs(pipeline: Any, registered: dict[str, Any], remote: Any) -> N
     registration is not undone, since the push can be repeated (`dvc push`) and the version's
     approval does not depend on it, but a run that cannot be reproduced elsewhere is not a success."""
     from ml.dvc_remote import LOCK_ARTIFACT_DIR, DataNotPushed, DataRemoteError, describe
+    from tasks.entry import console_to_run
 
-    version_outputs_task()
+    with console_to_run(pipeline, "dvc-commit"):  # DVC's notices (each lock file line twice) go there
+        version_outputs_task()
     pipeline.log_artifact("dvc.lock", LOCK_ARTIFACT_DIR)
     if remote is None:
         return
     pipeline.set_tags({"data_remote": remote.url})
     try:
-        pushed = push_outputs_task(remote)
+        with console_to_run(pipeline, "dvc-push"):
+            pushed = push_outputs_task(remote)
     except DataRemoteError as exc:
         pipeline.set_tags({"data_pushed": "false"})
         raise DataNotPushed(f"{registered['model_name']} version {registered['version']} is registered, but its "
@@ -141,6 +145,30 @@ class KnownErrorFormatter(logging.Formatter):
             return self.inner.format(record)
         finally:
             record.exc_info, record.exc_text = saved
+
+
+class _Notice(logging.Filter):
+    """Drops records below WARNING logged on the logger it is added to itself (not its children)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+# Notices printed before and after a flow run, where no console log exists: Prefect's temporary API
+# server starting and stopping (it serves no UI) and MLflow creating its database's tables.
+_NOTICE_LOGGERS = ("prefect", "mlflow.store.db.utils")
+_NOTICE = _Notice()
+
+
+def quiet_flow_console() -> None:
+    """What ``python -m flows.<flow>`` does before its flow starts, so the terminal shows the stages,
+    the progress bar and the result: the temporary Prefect server sends no telemetry (its notice,
+    and offline an error line, would reach the terminal; ``mlops up`` starts its server the same way),
+    and the notices of :data:`_NOTICE_LOGGERS` are left out. Inside the flow, other libraries'
+    output goes to the console logs of the runs (:func:`tasks.entry.console_to_run`)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for name in _NOTICE_LOGGERS:
+        logging.getLogger(name).addFilter(_NOTICE)
 
 
 def quiet_known_errors() -> None:
@@ -215,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # the flow checks the remote too (deployments start there); here it is refused before Prefect starts
     check_data_remote(versions_data(args.params, not args.no_version_data))
+    quiet_flow_console()
     registered = training_pipeline(args.params, version_data=not args.no_version_data)
     print(next_steps(registered))
 

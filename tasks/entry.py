@@ -42,19 +42,17 @@ def stage_run(stage: str, *, tracking: Any = None, run_name: str | None = None, 
               kind: str = "stage") -> Iterator[Any]:
     """An MLflow run for one stage, with the stage's stdout and stderr captured to
     ``console/<stage>.log`` among its artifacts, also when the stage fails (then the run is
-    FAILED and tagged with the error). ``tracking`` defaults to the runtime settings' section."""
+    FAILED and tagged with the error); other libraries' notices and warnings go to that log only
+    (:func:`console_to_run`). ``tracking`` defaults to the runtime settings' section."""
     from ml.settings import load_settings
-    from ml.tracking.console import capture_console
     from ml.tracking.mlflow_tracker import MlflowTracker
 
     tracking = tracking or load_settings().tracking
     tracker = MlflowTracker.start(tracking, run_name or stage, tags={"stage": stage, **flow_run_tags(), **(tags or {})},
                                   parent_run_id=parent_run_id(parent), kind=kind, system_metrics=system_metrics)
-    log_dir = Path(tempfile.mkdtemp(prefix=f"mlops-{stage}-"))
-    log_file = log_dir / f"{stage}.log"
     status = "FINISHED"
     try:
-        with capture_console(log_file) as console:
+        with console_to_run(tracker, stage) as console:
             tracker.console = console  # where a progress bar writes past the log
             yield tracker
     except BaseException as exc:
@@ -62,11 +60,26 @@ def stage_run(stage: str, *, tracking: Any = None, run_name: str | None = None, 
         tracker.set_tags({"error": f"{exc.__class__.__name__}: {exc}"[:5000]})
         raise
     finally:
+        tracker.close(status)
+
+
+@contextmanager
+def console_to_run(tracker: Any, name: str) -> Iterator[Any]:
+    """Captures the console of a block to ``console/<name>.log`` among the artifacts of
+    ``tracker``'s run, also when the block fails; other libraries' notices and warnings go to that
+    log only (:func:`ml.tracking.console.capture_console`). Yields the capture."""
+    from ml.tracking.console import capture_console
+
+    log_dir = Path(tempfile.mkdtemp(prefix=f"mlops-{name}-"))
+    log_file = log_dir / f"{name}.log"
+    try:
+        with capture_console(log_file, third_party_to_log=True) as console:
+            yield console
+    finally:
         try:
             if log_file.exists():
                 tracker.log_artifact(log_file, "console")
         finally:
-            tracker.close(status)
             log_file.unlink(missing_ok=True)
             log_dir.rmdir()
 

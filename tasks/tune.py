@@ -33,10 +33,10 @@ def run(params_path: str = "params.yaml", parent_run_id: str | None = None, work
     git = git_info()
     shared = {"git_commit": git.commit, "git_branch": git.branch, "git_dirty": git.dirty,
               "dataset_md5": dataset.md5, "dataset_source": dataset.source, **flow_run_tags()}
-    study = open_study(tune)
     storage = redacted_storage(tune.storage)
     with stage_run("tune", tracking=tracking, run_name=f"tune-{tune.study_name}", parent=parent_run_id, kind="tuning",
                    tags={**shared, STUDY_TAG: tune.study_name, "optuna_storage": storage}) as study_run:
+        study = open_study(tune)  # inside: Optuna's notices go to the stage's console log
         study_run.log_params({**flatten(tune, "tune."), "tune.storage": storage, **flatten(params.train, "train."),
                               "data.processed_dir": processed})
         study_run.set_tags({"tune_workers": workers})
