@@ -1,8 +1,15 @@
 """train: the PyTorch loop inside an MLflow run that records params, code, data, machine and
-console, with tiered checkpoints and the training observers (histograms, anomalies, progress)."""
+console, with tiered checkpoints and the training observers (histograms, anomalies, progress).
+
+With ``train.distributed.nproc_per_node`` above 1 the stage launches that many ranks of itself
+under torchrun (:mod:`ml.train.distributed`); rank 0 alone holds the MLflow run and writes the
+model and the run file, which the launching process returns as the stage's summary.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +18,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ml.config import flatten, load_params
+from ml.errors import ConfigError, cli_errors
 from ml.data.prepare import Schema
 from ml.io import atomic_write_json
 from ml.provenance import dataset_version, git_diff, git_info
 from ml.settings import load_settings
 from ml.observe.observers import Observers
+from ml.train.distributed import check_nproc, launch, launched_rank, process_group, rank_slots, resolve_backend
+from ml.train.loop import resolve_device
 from ml.train.stage import CheckpointContext, config_fingerprint, run_name, train
-from tasks.entry import stage_main, stage_run
+from tasks.entry import PARENT_RUN_ENV, parent_run_id as inherited_parent_run_id, stage_main, stage_run
+
+FLAGS = {"--fresh": "ignore training checkpoints and start from scratch"}
 
 
 def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
@@ -25,9 +37,16 @@ def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: st
     params, settings = load_params(params_path), load_settings()
     cfg, processed = params.train, params.data.processed_dir
     schema = Schema.read(processed)
+    rank = launched_rank()
+    if rank is None and cfg.distributed.nproc_per_node > 1:
+        return _launch_ranks(params_path, params, parent_run_id, fresh=fresh)
     dataset = dataset_version(processed, schema.source)
     git = git_info()
     fingerprint = config_fingerprint(cfg, dataset.md5)
+    if rank is not None and rank.rank != 0:  # trains with rank 0, which alone tracks and writes
+        train(cfg, processed, checkpoints=CheckpointContext(settings.checkpoint, fingerprint, dataset=dataset.to_dict(),
+                                                            git_commit=git.commit, fresh=fresh))
+        return {}
     tags = {"git_commit": git.commit, "git_branch": git.branch, "git_dirty": git.dirty,
             "dataset_md5": dataset.md5, "dataset_source": dataset.source, "config_fingerprint": fingerprint}
     with stage_run("train", tracking=settings.tracking, run_name=run_name(cfg), parent=parent_run_id, tags=tags,
@@ -65,7 +84,48 @@ def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: st
     return summary
 
 
+def _launch_ranks(params_path: str, params: Any, parent_run_id: str | None, **flags: bool) -> dict[str, Any]:
+    """Checks that the machine holds ``nproc_per_node`` ranks, runs them (``python -m tasks.train``
+    under torchrun, each rank reading the same params, with the same ``flags``) and returns rank 0's
+    summary."""
+    cfg = params.train
+    if params.anomaly.action == "rollback":  # a loss spike would roll rank 0 back alone
+        raise ConfigError("anomaly.action: expected warn or stop when train.distributed.nproc_per_node is above 1 "
+                          "(rank 0 alone watches the loss), got 'rollback'")
+    device = resolve_device(cfg.device)
+    nproc, backend = cfg.distributed.nproc_per_node, resolve_backend(cfg.distributed.backend, device)
+    check_nproc(nproc, *rank_slots(backend, device))
+    parent = inherited_parent_run_id(parent_run_id)
+    launch(nproc, "tasks.train", ["--params", str(params_path), *(f"--{k}" for k, on in flags.items() if on)],
+           env={PARENT_RUN_ENV: parent} if parent else None)
+    return json.loads(Path(cfg.run_file).read_text())
+
+
+def rank_main(argv: list[str] | None = None) -> None:
+    """One rank of a launched training: joins the process group and runs the stage. Nothing is
+    printed as a summary: the launching process prints rank 0's."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.train", description="One rank of the train stage.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for flag, help_text in FLAGS.items():
+        parser.add_argument(flag, action="store_true", help=help_text)
+    args = parser.parse_args(argv)
+    cli_errors(_run_rank)(args.params, **{flag.lstrip("-"): getattr(args, flag.lstrip("-")) for flag in FLAGS})
+
+
+def _run_rank(params_path: str, **flags: bool) -> None:
+    cfg, info = load_params(params_path).train, launched_rank()
+    if info.local_world_size != cfg.distributed.nproc_per_node:
+        raise ConfigError(f"train.distributed.nproc_per_node: expected {info.local_world_size} (the ranks torchrun "
+                          f"started on this machine), got {cfg.distributed.nproc_per_node}")
+    device = resolve_device(cfg.device)
+    with process_group(resolve_backend(cfg.distributed.backend, device), info, device):
+        run(params_path, **flags)
+
+
 train_task = task(run, name="train", cache_policy=NO_CACHE)
 
 if __name__ == "__main__":
-    stage_main("train", run, flags={"--fresh": "ignore training checkpoints and start from scratch"})
+    if launched_rank() is None:
+        stage_main("train", run, flags=FLAGS)
+    else:
+        rank_main()

@@ -29,6 +29,7 @@ from ml.tracking.base import NullTracker, Tracker
 from ml.train.batches import LoaderChoice, MemoryBatches, ParquetBatches, ParquetSplit, choose_loader, data_wait_advice
 from ml.train.memory import MemoryGuard
 from ml.train.compile import CompiledForward, compile_forward, example_batches
+from ml.train.distributed import gather_digests, interrupt_on_sigterm, rank_sync, seed_rank, weights_digest, wrap_model
 from ml.train.speed import SpeedSettings, apply_backend_flags, autocast_for, grad_scaler_for, resolve_speed
 from ml.train.schedule import build_scheduler, optimizer_steps
 
@@ -142,6 +143,9 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     model = build_model(cfg, schema)
     model.set_input_stats(x_train if loader.name == "memory" else train_split.stats_rows())
     model.to(device)
+    sync = rank_sync()  # under torchrun: this rank's place; the model is built alike on every rank
+    rank, world = (sync.rank, sync.world_size) if sync is not None else (0, 1)
+    seed_rank(cfg.seed, rank)
     if speed.memory_format == "channels_last":
         set_channels_last(model)
     if speed.activation_checkpointing:
@@ -162,7 +166,8 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                                scheduler=scheduler)
         state, resumed_from, note, saved_callbacks = resumed.state, resumed.name, resumed.note, resumed.callbacks
         logger.info("train: %s", note)
-        print(f"train: {note}", flush=True)
+        if rank == 0:
+            print(f"train: {note}", flush=True)
     if hook_factory is not None:
         labels = y_train if loader.name == "memory" else train_split.labels()
         all_hooks.extend(hook_factory(model, optimizer, Splits(x_train, labels, x_val, y_val)))
@@ -201,25 +206,28 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
             all_hooks.append(MilestoneHook(manager, model, optimizer, generator, checkpoints.cfg.monitor, extra,
                                            checkpoints.run_id, callback_states=states, scheduler=scheduler,
                                            scaler=scaler))
-    compiled = compile_forward(model, speed.compile, example_batches(*as_tensors(x_train, y_train), cfg.batch_size),
-                               autocast)
-    train_data = (MemoryBatches(*as_tensors(x_train, y_train), cfg.batch_size, generator)
+    compiled = compile_forward(wrap_model(model, device) if sync is not None else model, speed.compile,
+                               example_batches(*as_tensors(x_train, y_train), cfg.batch_size), autocast)
+    # distributed: each rank trains on its shard of every epoch and validates on its share of val
+    train_data = (MemoryBatches(*as_tensors(x_train, y_train), cfg.batch_size, generator, rank=rank, world_size=world)
                   if loader.name == "memory" else
-                  ParquetBatches(train_split, cfg.batch_size, generator, device=device,
+                  ParquetBatches(train_split, cfg.batch_size, generator, device=device, rank=rank, world_size=world,
                                  num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                                  persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor))
-    _record_loader(tracker, loader, 0)
+    _record_loader(tracker, loader, rank)
+    val_data = as_tensors(np.ascontiguousarray(x_val[rank::world]), np.ascontiguousarray(y_val[rank::world]))
     _record_compile(tracker, compiled)
     state = state or LoopState()
+    interrupt_on_sigterm(sync is not None)  # torchrun stopping the ranks ends training, not the cleanup
     try:
         while True:
             try:
-                state = fit(compiled.forward, optimizer, train_data, as_tensors(x_val, y_val),
+                state = fit(compiled.forward, optimizer, train_data, val_data,
                             epochs=cfg.epochs, tracker=tracker,
                             hooks=all_hooks, state=state, log_every_steps=cfg.log_every_steps, autocast=autocast,
                             scaler=scaler, eval_model=model, accumulate_steps=cfg.accumulate_steps,
                             clip_grad_norm=cfg.clip_grad_norm, scheduler=scheduler,
-                            max_skipped_steps=cfg.max_skipped_steps, memory_guard=guard)
+                            max_skipped_steps=cfg.max_skipped_steps, sync=sync, memory_guard=guard)
                 break
             except (TrainingDiverged, LossSpikeRollback) as signal:
                 # fit left `state` where the divergence was noticed: the rollback restores the
@@ -229,16 +237,19 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                 if checkpoint_hook is not None:
                     checkpoint_hook.save_now(state)
     finally:
+        interrupt_on_sigterm(False)
         if manager is not None:
             manager.close()
     if state.stop:
-        record_stop(model, state, train_data, as_tensors(x_val, y_val), cfg.batch_size, tracker,
-                    autocast=autocast)
+        record_stop(model, state, train_data, val_data, cfg.batch_size, tracker, autocast=autocast, sync=sync)
     best_epoch = _restore_best(best, state, tracker)
-    _advise_data_wait(tracker, state, train_data, 0)
+    _advise_data_wait(tracker, state, train_data, rank)
+    if sync is not None:
+        _check_replicas(sync, model, tracker)
     model.cpu().eval()
-    save_model(model, cfg.model_dir)
-    atomic_write_json(cfg.metrics_file, state.history)
+    if rank == 0:
+        save_model(model, cfg.model_dir)
+        atomic_write_json(cfg.metrics_file, state.history)
     return TrainResult(model, state, resumed_from, note, result_stats, speed, compiled, best_epoch,
                        rollbacks.as_dicts())
 
@@ -275,6 +286,16 @@ def _advise_data_wait(tracker: Tracker, state: LoopState, source: Any, rank: int
     logger.warning("train: %s", advice)
     if rank == 0:
         print(f"train: {advice}", flush=True)
+
+
+def _check_replicas(sync: Any, model: Classifier, tracker: Tracker) -> None:
+    """Every rank ends with the same weights (DDP keeps them so): their digests, in rank order, as
+    the run tag ``ddp.weights_digests`` beside ``ddp.world_size``; replicas that differ are a bug
+    and end the run before any model is written."""
+    digests = gather_digests(sync, weights_digest(model))
+    tracker.set_tags({"ddp.world_size": sync.world_size, "ddp.weights_digests": ",".join(digests)})
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DDP replicas diverged: weight digests by rank {digests}")
 
 
 def _record_compile(tracker: Tracker, compiled: CompiledForward) -> None:

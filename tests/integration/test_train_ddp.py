@@ -3,7 +3,8 @@ torchrun, rank 0 alone tracks one MLflow run (on a real ``mlflow server``) and w
 the ranks end with the same weights and the metrics are over both shards. A rank SIGKILLed
 mid-step fails the run cleanly (one line, the MLflow run FAILED, no model), a rerun resumes from
 the newest checkpoint to the weights of a straight two-rank run, bit for bit, and the pipeline goes
-on to register that model. Asking for more ranks than cores is one line before any work."""
+on to register that model. Asking for more ranks than cores, or for rollbacks on a loss spike that
+rank 0 alone sees, is one line before any work."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from ml.checkpoint.manager import CheckpointManager
@@ -147,12 +149,21 @@ def test_a_killed_rank_fails_the_run_cleanly_and_a_rerun_resumes_exactly(straigh
     assert version.run_id == resumed["run_id"]
 
 
-def test_more_ranks_than_cores_is_one_line_before_any_work(prepared, tmp_path):
+@pytest.mark.parametrize(("name", "change", "line"), [
+    ("many", lambda params, cores: params["train"]["distributed"].update(nproc_per_node=cores + 1),
+     "train.distributed.nproc_per_node: expected at most {cores} (the CPU cores available on this machine), "
+     "got {more}"),
+    ("rollback", lambda params, cores: params["anomaly"].update(action="rollback"),
+     "anomaly.action: expected warn or stop when train.distributed.nproc_per_node is above 1 (rank 0 alone "
+     "watches the loss), got 'rollback'"),
+])
+def test_what_ranks_cannot_do_is_one_line_before_any_work(prepared, tmp_path, name, change, line):
     cores = len(os.sched_getaffinity(0))
-    project = make_project(tmp_path, prepared, "many", distributed={"nproc_per_node": cores + 1})
+    project = make_project(tmp_path, prepared, name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    change(params, cores)
+    write_params(project, params)
     done = run_module("tasks.train", cwd=project, env=ENV)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"error: train.distributed.nproc_per_node: expected at most {cores} (the CPU cores available on this "
-        f"machine), got {cores + 1}")
+    assert done.stderr.strip().splitlines()[-1] == "error: " + line.format(cores=cores, more=cores + 1)
     assert not (project / "mlflow.db").exists() and not (project / "checkpoints").exists()
