@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -36,6 +37,19 @@ def sh(project: Path, *args: str, timeout: float = 300, cwd: Path | None = None)
     return done
 
 
+# A line on the terminal of a flow run: a flow or task run's line (the stages, what they print) or a
+# record of the project's own loggers, in Prefect's console format.
+RUN_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| [A-Z]+ +\| "
+                      r"(Flow run '|Task run '|(ml|tasks|flows|registry|lineage|deploy|mlops)\.)")
+
+
+def foreign_terminal_lines(output: str, result: str) -> list[str]:
+    """Lines of a flow run's terminal output that are neither a stage's line nor the result and
+    next commands (``result``, the block the flow's command prints last)."""
+    expected = set(result.splitlines())
+    return [line for line in output.splitlines() if line.strip() and not RUN_LINE.match(line) and line not in expected]
+
+
 def test_the_lineage_chain_is_complete_after_run_approve_promote_serve(tmp_path):
     project = copy_repo(tmp_path / "repo")
     shrink_params(project)
@@ -50,7 +64,17 @@ def test_the_lineage_chain_is_complete_after_run_approve_promote_serve(tmp_path)
                   "mlops.cli.__file__, lineage.__file__)", cwd=tmp_path).stdout.split()
     assert all(Path(f).is_relative_to(project) for f in imported), imported
 
-    sh(project, sys.executable, "-m", "flows.training")
+    ran = sh(project, sys.executable, "-m", "flows.training")
+    # The terminal is for people: other libraries' notices and warnings (GX per check, MLflow's
+    # dataset-source and schema hints, DVC's lock file lines) are in the console logs of the runs;
+    # Prefect's temporary server and MLflow's table creation are left out.
+    result = ran.stdout[ran.stdout.index("Registered digits-classifier version 1"):]
+    assert result.rstrip().endswith("# endpoint -> version -> run -> dataset"), ran.stdout[-2000:]
+    assert not foreign_terminal_lines(ran.stdout + ran.stderr, result), foreign_terminal_lines(ran.stdout + ran.stderr,
+                                                                                              result)
+    assert re.search(r"Task run 'train-\w+' - Finished in state Completed", ran.stderr), ran.stderr[-2000:]
+    (dvc_log,) = project.glob("mlartifacts/**/console/dvc-commit.log")  # on the pipeline run
+    assert "Updating lock file 'dvc.lock'" in dvc_log.read_text()
     mlops = str(BIN / "mlops")
     sh(project, mlops, "models", "approve", "digits-classifier", "1", "--reason", "e2e", "--allow-self-approval")
     sh(project, mlops, "models", "promote", "digits-classifier", "1")
