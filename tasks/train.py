@@ -9,7 +9,9 @@ model and the run file, which the launching process returns as the stage's summa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,10 @@ def _run_rank(params_path: str, **flags: bool) -> None:
         raise ConfigError(f"train.distributed.nproc_per_node: expected {info.local_world_size} (the ranks torchrun "
                           f"started on this machine), got {cfg.distributed.nproc_per_node}")
     device = resolve_device(cfg.device)
-    with process_group(resolve_backend(cfg.distributed.backend, device), info, device):
+    with contextlib.ExitStack() as stack:
+        if info.rank:  # the other ranks print what rank 0 prints; errors and warnings (stderr) stay
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        stack.enter_context(process_group(resolve_backend(cfg.distributed.backend, device), info, device))
         run(params_path, **flags)
 
 
