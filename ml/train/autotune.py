@@ -9,8 +9,9 @@ feature whose rules below refer to each other, and read best in one place.
 
 Candidates: precision fp32, bf16 where the device has fast bf16 (:func:`ml.train.speed.fast_bf16`),
 fp16 on CUDA; compile off and ``default``; channels_last besides contiguous for a model with 2-d
-convolutions. A non-null ``train.precision``/``compile``/``memory_format`` pins that switch; the
-switches auto does not measure (fused AdamW, cudnn.benchmark, TF32) stay as in ``optimize: off``.
+convolutions (the cnn, a factory's network; not the vit, whose only convolution embeds patches).
+A non-null ``train.precision``/``compile``/``memory_format`` pins that switch; the switches auto
+does not measure (fused AdamW, cudnn.benchmark, TF32) stay as in ``optimize: off``.
 When the split does not fit memory, the setups are probed on its head, then the dataloader with
 each worker count of ``loaders`` is timed under the chosen setup (:func:`decide`).
 
@@ -31,9 +32,10 @@ Rules (:class:`Policy`):
     probe budget: fp32 eager is always probed (it is the reference and gives the job's estimate).
         Another candidate is probed only if the probing spent so far plus its expected cost (the
         reference's probe seconds, plus for a compiled one the last measured compile seconds or
-        ``compile_prior_s``) stays within ``overhead`` (8%) of the best job estimate so far; the
-        others are listed as not probed, so a job too short to pay for probing runs fp32 eager and
-        says so. Compiled candidates are probed fastest eager counterpart first.
+        ``compile_prior_s``, 30 s: a small conv net's cold compile took 21.5 s on a 2-core CPU)
+        stays within ``overhead`` (8%) of the best job estimate so far; the others are listed as
+        not probed, so a job too short to pay for probing runs fp32 eager and says so. Compiled
+        candidates are probed fastest eager counterpart first.
     nothing counted (every allowed candidate failed, or fp32 eager itself is not finite): fp32
         eager, with the reason.
 
@@ -91,7 +93,7 @@ class Policy:
     tolerance: float = 0.05
     margin: float = 0.05
     overhead: float = 0.08
-    compile_prior_s: float = 10.0
+    compile_prior_s: float = 30.0
     loss_steps: int = 5
     min_steps: int = 3
     max_steps: int = 30
@@ -193,7 +195,9 @@ def candidates(model: nn.Module, device: torch.device, pinned: dict[str, str | N
     """Every setup worth measuring for ``model`` on ``device``, within the ``pinned`` switches
     (``precision``/``compile``/``memory_format``: a value pins it, None leaves it to measure)."""
     precisions = ["fp32"] + (["bf16"] if fast_bf16(device) else []) + (["fp16"] if device.type == "cuda" else [])
-    convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    # channels_last where train.memory_format allows it: 2-d convolutions beyond the vit's patch embedding
+    spec_name = getattr(getattr(model, "spec", None), "name", None)
+    convolutional = spec_name not in ("mlp", "vit") and any(isinstance(m, nn.Conv2d) for m in model.modules())
     options = {"precision": precisions, "compile": ["off", "default"],
                "memory_format": ["contiguous", "channels_last"] if convolutional else ["contiguous"]}
     options.update({k: [v] for k, v in pinned.items() if v is not None})
@@ -253,8 +257,11 @@ def measurer(model: nn.Module, make_optimizer: OptimizerFactory, steps: Sequence
             return Row(candidate=c, compile_s=compiled.seconds, probe_s=time.perf_counter() - start,
                        rejected=f"compile failed: {compiled.fallback_reason}")
         feed = grouped_steps(dataloader(c.workers), len(steps[0])) if c.workers is not None and dataloader else None
-        step = lambda i: train_step(compiled.forward, optimizer, next(feed) if feed else steps[i % len(steps)],  # noqa: E731
-                                    autocast=autocast, scaler=scaler)
+
+        def step(i: int) -> Any:
+            return train_step(compiled.forward, optimizer, next(feed) if feed else steps[i % len(steps)],
+                              autocast=autocast, scaler=scaler)
+
         for i in range(policy.loss_steps):
             step(i)
         loss = _loss(probe, steps, autocast) if feed is None else None
@@ -442,7 +449,8 @@ def cache_key(model_spec: dict[str, Any], batch_size: int, accumulate_steps: int
               activation_checkpointing: bool, device: torch.device) -> dict[str, Any]:
     """What the cached decision depends on (the module docstring's key)."""
     if device.type == "cuda":
-        hardware = f"{torch.cuda.get_device_name(device)} sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+        major, minor = torch.cuda.get_device_capability(device)
+        hardware = f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
     else:
         hardware = (f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} "
                     f"{torch.get_num_threads()} threads")

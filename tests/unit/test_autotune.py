@@ -87,7 +87,7 @@ def test_the_budget_follows_the_fastest_setup_found():
                       probe_s=0.3)
     decision = decide([REFERENCE, BF16, BF16_COMPILED], probe, job_steps=1000)
     assert probe.calls == [REFERENCE, BF16] and decision.chosen == BF16
-    assert row(decision, BF16_COMPILED).rejected.startswith("not probed: ~10 s more probing would exceed 8%")
+    assert row(decision, BF16_COMPILED).rejected.startswith("not probed: ~30 s more probing would exceed 8%")
 
 
 def test_no_candidate_passing_falls_back_to_fp32_eager_with_the_reason():
@@ -325,3 +325,9 @@ def test_an_auto_run_through_the_dataloader_takes_the_workers_it_timed(digits):
     by_hand = train(hand, processed)
     for key, value in probed.model.state_dict().items():
         assert torch.equal(value, by_hand.model.state_dict()[key]), key
+
+
+def test_the_vit_gets_no_channels_last_candidate():
+    vit = build_model(ModelSpec(64, (), 10, 0.0, "vit", (1, 8, 8), {"patch_size": 2, "dim": 16, "depth": 1,
+                                                                     "heads": 2}))
+    assert {c.memory_format for c in candidates(vit, torch.device("cpu"), {})} == {"contiguous"}
