@@ -69,7 +69,7 @@ def check_workers(workers: int, storage: str | None) -> None:
     if workers < 1:
         raise ConfigError(f"--workers: expected a number of worker processes >= 1, got {workers}")
     if workers > 1 and is_in_memory(storage):
-        shown = "None" if storage is None else redacted_storage(storage)
+        shown = "None" if storage is None else storage if "@" not in storage else redacted_storage(storage)
         raise ConfigError(f"--workers {workers}: tune.storage {shown} is in memory, which worker processes cannot "
                           "share; expected a file (sqlite:///optuna.db) or a database server (postgresql://host/db)")
 
