@@ -3,8 +3,8 @@ rank with its own shard of every epoch, the model wrapped in ``DistributedDataPa
 
 The train stage launches itself (:func:`launch`): ``python -m ml.train.distributed`` runs
 ``torch.distributed.run``'s own entry (``--standalone --nproc_per_node N -m tasks.train ...``) and
-turns a failed rank into one line instead of torchrun's error report and traceback. Each rank then finds itself
-in the environment torchrun sets (:func:`launched_rank`), joins the process group
+turns a failed rank into one line instead of torchrun's error report and traceback. Each rank then
+finds itself in the environment torchrun sets (:func:`launched_rank`), joins the process group
 (:func:`process_group`) and trains; rank 0 alone tracks, checkpoints (the checkpoint manager
 gathers every rank's RNG and loop state into rank 0's checkpoint) and writes the model.
 
@@ -131,7 +131,8 @@ def launch(nproc: int, module: str, args: Sequence[str], *, env: Mapping[str, st
 @contextmanager
 def process_group(backend: str, info: RankInfo, device: torch.device) -> Iterator[None]:
     """Joins the process group torchrun's environment describes (CUDA: this rank's device by its
-    local rank) and leaves it on exit. Within, SIGTERM ends training (see :func:`interrupt_on_sigterm`)."""
+    local rank) and leaves it on exit. Within, SIGTERM ends training (:func:`interrupt_on_sigterm`),
+    and a collective that lost another rank ends this one as :class:`RankStopped`."""
     import torch.distributed as dist
 
     if device.type == "cuda":

@@ -156,7 +156,7 @@ def test_a_killed_rank_fails_the_run_cleanly_and_a_rerun_resumes_exactly(straigh
     ("rollback", lambda params, cores: params["anomaly"].update(action="rollback"),
      "anomaly.action: expected warn or stop when train.distributed.nproc_per_node is above 1 (rank 0 alone "
      "watches the loss), got 'rollback'"),
-])
+], ids=["too-many-ranks", "rollback"])
 def test_what_ranks_cannot_do_is_one_line_before_any_work(prepared, tmp_path, name, change, line):
     cores = len(os.sched_getaffinity(0))
     project = make_project(tmp_path, prepared, name)
