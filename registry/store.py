@@ -112,7 +112,9 @@ def register_version(client: Any, name: str, model_uri: str, run_id: str, tags: 
             if created.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
     all_tags = {**{k: str(v) for k, v in tags.items()}, STATUS_TAG: PENDING, HISTORY_TAG: "[]"}
-    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=all_tags)
+    # a logged model's URI (models:/m-<id>) names its model id, which an MLflow server requires with it
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=all_tags, model_id=model_id)
     return get_version(client, name, mv.version)
 
 
