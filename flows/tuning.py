@@ -1,7 +1,7 @@
 """The tuning pipeline as one Prefect flow: prepare -> validate -> tune -> evaluate -> register, the
 tuned model (the study's best trial) taking the place of the trained one.
 
-    python -m flows.tuning [--params params.yaml]
+    python -m flows.tuning [--params params.yaml] [--workers N]
 
 dvc.lock is left alone: its train stage records ``train`` params, which did not produce a tuned model.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.training import next_steps, start_pipeline_run
+from flows.training import next_steps, quiet_flow_console, start_pipeline_run
 from flows.workspace import in_workspace
 from ml.errors import cli_errors
 from tasks.evaluate import evaluate_task
@@ -25,9 +25,10 @@ from tasks.validate import validate_task
 
 @flow(name="tuning-pipeline", log_prints=True)
 @in_workspace
-def tuning_pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
+def tuning_pipeline(params_path: str = "params.yaml", workers: int = 1) -> dict[str, Any]:
     """Each stage a nested MLflow run under one pipeline run, the trials nested in the tune stage's
-    study run; returns the registered version with the study's best trial."""
+    study run, run by ``workers`` processes sharing the study when more than one (ml.tune.workers);
+    returns the registered version with the study's best trial."""
     from ml.config import flatten, load_params
     from ml.tune.study import redacted_storage
 
@@ -36,10 +37,11 @@ def tuning_pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
     status = "FAILED"
     try:
         tune = load_params(params_path).tune
-        pipeline.log_params({**flatten(tune, "tune."), "tune.storage": redacted_storage(tune.storage)})
+        pipeline.log_params({**flatten(tune, "tune."), "tune.storage": redacted_storage(tune.storage),
+                             "tune.workers": workers})
         prepare_task(params_path, parent_run_id=parent)
         validate_task(params_path, parent_run_id=parent)
-        tuned = tune_task(params_path, parent_run_id=parent)
+        tuned = tune_task(params_path, parent_run_id=parent, workers=workers)
         pipeline.set_tags({"study_run_id": tuned["study_run_id"], "optuna_study": tuned["study"],
                            "best_trial_number": tuned["best_trial"], "train_run_id": tuned["run_id"]})
         evaluate_task(params_path, parent_run_id=parent)
@@ -58,8 +60,18 @@ def tuning_pipeline(params_path: str = "params.yaml") -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.tuning", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="trial processes sharing the study (tune.storage a file or database server); default 1")
     args = parser.parse_args(argv)
-    registered = tuning_pipeline(args.params)
+    from ml.config import load_params
+    from ml.tune.objectives import select_rule
+    from ml.tune.workers import check_workers
+
+    tune = load_params(args.params).tune
+    check_workers(args.workers, tune.storage)  # before Prefect starts
+    select_rule(tune)  # tune.objectives and tune.select too
+    quiet_flow_console()
+    registered = tuning_pipeline(args.params, workers=args.workers)
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in registered["best_params"].items())
     print(f"Study {registered['study']}: best trial {registered['best_trial']} "
