@@ -94,7 +94,7 @@ class Policy:
     margin: float = 0.05
     overhead: float = 0.08
     compile_prior_s: float = 30.0
-    loss_steps: int = 5
+    loss_steps: int = 3
     min_steps: int = 3
     max_steps: int = 30
     min_seconds: float = 0.2
@@ -487,7 +487,7 @@ def read_cache(path: Path) -> dict[str, _Entry]:
     except (ValidationError, ValueError, OSError) as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         message = f"autotune: ignoring {path} ({why}); measuring again"
-        logger.warning(message)
+        logger.info(message)   # info: a warning would reach the console a second time (logging's lastResort)
         print(message, file=sys.stderr, flush=True)
         return {}
 
