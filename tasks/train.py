@@ -28,14 +28,17 @@ from ml.settings import load_settings
 from ml.observe.observers import Observers
 from ml.train.distributed import check_nproc, launch, launched_rank, process_group, rank_slots, resolve_backend
 from ml.train.loop import resolve_device
-from ml.train.stage import CheckpointContext, config_fingerprint, run_name, train
+from ml.train.stage import CheckpointContext, config_fingerprint, run_name, train, tune_speed
 from tasks.entry import PARENT_RUN_ENV, parent_run_id as inherited_parent_run_id, stage_main, stage_run
 
-FLAGS = {"--fresh": "ignore training checkpoints and start from scratch"}
+FLAGS = {"--fresh": "ignore training checkpoints and start from scratch",
+         "--retune": "train.optimize auto: measure the candidate setups again instead of reusing the cached choice"}
 
 
-def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Trains, resuming from the newest valid checkpoint of the same configuration unless ``fresh``."""
+def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: str | None = None,
+        retune: bool = False) -> dict[str, Any]:
+    """Trains, resuming from the newest valid checkpoint of the same configuration unless ``fresh``;
+    ``train.optimize: auto`` reuses the choice cached in the checkpoint directory unless ``retune``."""
     params, settings = load_params(params_path), load_settings()
     cfg, processed = params.train, params.data.processed_dir
     schema = Schema.read(processed)
@@ -44,10 +47,12 @@ def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: st
         return _launch_ranks(params_path, params, parent_run_id, fresh=fresh)
     dataset = dataset_version(processed, schema.source)
     git = git_info()
-    fingerprint = config_fingerprint(cfg, dataset.md5)
+    speed, decision = tune_speed(cfg, processed, cache_dir=settings.checkpoint.dir, retune=retune)
+    fingerprint = config_fingerprint(cfg, dataset.md5, speed)
     if rank is not None and rank.rank != 0:  # trains with rank 0, which alone tracks and writes
         train(cfg, processed, checkpoints=CheckpointContext(settings.checkpoint, fingerprint, dataset=dataset.to_dict(),
-                                                            git_commit=git.commit, fresh=fresh))
+                                                            git_commit=git.commit, fresh=fresh),
+              autotuned=decision)
         return {}
     tags = {"git_commit": git.commit, "git_branch": git.branch, "git_dirty": git.dirty,
             "dataset_md5": dataset.md5, "dataset_source": dataset.source, "config_fingerprint": fingerprint}
@@ -65,7 +70,8 @@ def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: st
                                         dataset=dataset.to_dict(), git_commit=git.commit, fresh=fresh)
         observers = Observers(params, tracker, schema, settings.tracking)
         try:
-            result = train(cfg, processed, tracker, checkpoints=checkpoints, hook_factory=observers.hooks)
+            result = train(cfg, processed, tracker, checkpoints=checkpoints, hook_factory=observers.hooks,
+                           autotuned=decision)
         finally:
             observers.close()
         if result.resumed_from:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from ml.model.architectures import Classifier, ModelSpec, build_model as build_a
 from ml.model.architectures import enable_activation_checkpointing, set_channels_last
 from ml.model.serialization import save_model
 from ml.tracking.base import NullTracker, Tracker
+from ml.train.autotune import Candidate, Decision, Policy, preserved_rng, record_decision, tune
 from ml.train.batches import LoaderChoice, MemoryBatches, ParquetBatches, ParquetSplit, choose_loader, data_wait_advice
 from ml.train.memory import MemoryGuard
 from ml.train.compile import CompiledForward, compile_forward, example_batches
@@ -87,13 +89,74 @@ def build_model(cfg: TrainConfig, schema: Schema) -> Classifier:
                                         dict(cfg.model_kwargs), cfg.model_factory))
 
 
-def config_fingerprint(cfg: TrainConfig, dataset_md5: str) -> str:
+def config_fingerprint(cfg: TrainConfig, dataset_md5: str, speed: SpeedSettings | None = None) -> str:
     """Identifies "the same training": the hyperparameters that shape each step (the model, and the
-    precision and compile mode as resolved for the device), and the data."""
+    precision and compile mode as resolved for the device: ``speed``, which ``train.optimize: auto``
+    needs, from :func:`tune_speed`), and the data."""
     keys = {k: v for k, v in flatten(cfg).items() if k not in _NOT_IN_FINGERPRINT}
-    speed = asdict(resolve_speed(cfg, resolve_device(cfg.device)))
+    if speed is None and cfg.optimize == "auto":
+        raise ValueError("config_fingerprint: train.optimize auto needs the tuned speed settings (tune_speed)")
+    speed = asdict(speed or resolve_speed(cfg, resolve_device(cfg.device)))
     blob = json.dumps({"train": keys, "speed": speed, "dataset_md5": dataset_md5}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def autotune_speed(cfg: TrainConfig, model: Classifier, x_train: np.ndarray, y_train: np.ndarray,
+                   device: torch.device, *, split: ParquetSplit | None = None, cache_dir: str | Path | None = None,
+                   retune: bool = False, policy: Policy | None = None) -> Decision:
+    """``train.optimize: auto``: the autotuner's decision (:mod:`ml.train.autotune`) for ``model``
+    as built, on ``device``, before any speed switch converts it, probed on ``x_train``/``y_train``;
+    the explicit keys pin theirs. With ``split`` (it does not fit memory and ``x_train``/``y_train``
+    are its head), the dataloader with 0, 2 and 4 workers (at most the cores available) is measured
+    too, under the setup chosen. A distributed run is not measured (each rank would time itself
+    alone and could choose apart from the others): it trains as ``optimize: off`` with the explicit
+    keys, and the decision says so."""
+    base = resolve_speed(cfg, device)
+    if cfg.distributed.nproc_per_node > 1:
+        unmeasured = Candidate(precision=base.precision, compile=base.compile, memory_format=base.memory_format)
+        return Decision(chosen=unmeasured, rows=(), job_steps=0, probe_s=0.0,
+                        reason=f"a distributed run ({cfg.distributed.nproc_per_node} ranks) is not measured")
+    loaders, dataloader = (), None
+    if split is not None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        loaders = tuple(sorted({min(w, cores) for w in (0, 2, 4)}))
+        dataloader = lambda workers: ParquetBatches(  # noqa: E731 - its own generator: no global RNG drawn
+            split, cfg.batch_size, torch.Generator().manual_seed(cfg.seed), device=device, num_workers=workers,
+            pin_memory=cfg.pin_memory, prefetch_factor=cfg.prefetch_factor)
+    return tune(model, lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+                (torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)),
+                batch_size=cfg.batch_size, accumulate_steps=cfg.accumulate_steps, loaders=loaders,
+                dataloader=dataloader,
+                job_steps=optimizer_steps(split.rows if split is not None else len(y_train), cfg.batch_size,
+                                          cfg.accumulate_steps, cfg.epochs),
+                device=device, pinned={"precision": cfg.precision, "compile": cfg.compile,
+                                       "memory_format": cfg.memory_format},
+                activation_checkpointing=base.activation_checkpointing, cache_dir=cache_dir, retune=retune,
+                policy=policy or Policy())
+
+
+def tune_speed(cfg: TrainConfig, processed_dir: str | Path, *, cache_dir: str | Path | None = None,
+               retune: bool = False, policy: Policy | None = None) -> tuple[SpeedSettings, Decision | None]:
+    """The run's speed switches before it starts (its configuration fingerprint needs them): those
+    of :func:`ml.train.speed.resolve_speed`, and under ``optimize: auto`` the autotuner's choice for
+    the model :func:`train` builds (built here the same way), every RNG state left as it was."""
+    device = resolve_device(cfg.device)
+    base = resolve_speed(cfg, device)
+    if cfg.optimize != "auto":
+        return base, None
+    with preserved_rng():
+        seed_everything(cfg.seed)
+        schema = Schema.read(processed_dir)
+        split = ParquetSplit(Path(processed_dir) / "train.parquet", schema.features, schema.classes)
+        in_memory = choose_loader(cfg.loader, split.nbytes, cfg.memory_budget, device).name == "memory"
+        x_train, y_train = (load_split(processed_dir, "train") if in_memory
+                            else split.head(16 * cfg.batch_size * cfg.accumulate_steps))
+        model = build_model(cfg, schema)
+        model.set_input_stats(x_train if in_memory else split.stats_rows())
+        model.to(device)
+        decision = autotune_speed(cfg, model, x_train, y_train, device, split=None if in_memory else split,
+                                  cache_dir=cache_dir, retune=retune, policy=policy)
+    return decision.settings(base), decision
 
 
 def environment() -> dict[str, str]:
@@ -103,7 +166,8 @@ def environment() -> dict[str, str]:
 
 def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None = None,
           hooks: Sequence[Callback] = (), *, checkpoints: CheckpointContext | None = None,
-          hook_factory: HookFactory | None = None) -> TrainResult:
+          hook_factory: HookFactory | None = None, autotuned: Decision | None = None,
+          autotune_policy: Policy | None = None) -> TrainResult:
     """The train stage: seeded from params, so the same params and data give the same weights,
     whether the run went straight through or resumed from a checkpoint.
 
@@ -125,6 +189,11 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     is logged as ``train/compile_s`` and a compile that fails leaves training eager, with the reason
     in the run tag ``compile_fallback`` and on the console. Checkpoints and the saved model always
     hold the plain module's weights.
+
+    ``train.optimize: auto`` takes ``autotuned`` (from :func:`tune_speed`), or measures on the model
+    as built (``autotune_policy``; cached in the checkpoint directory), before any switch converts
+    it: the decision is recorded (:func:`ml.train.autotune.record_decision`) and the run is the one
+    its choice written by hand gives, bit for bit.
     """
     tracker = tracker or NullTracker()
     device = resolve_device(cfg.device)
@@ -146,6 +215,15 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     sync = rank_sync()  # under torchrun: this rank's place; the model is built alike on every rank
     rank, world = (sync.rank, sync.world_size) if sync is not None else (0, 1)
     seed_rank(cfg.seed, rank)
+    workers = cfg.num_workers
+    if cfg.optimize == "auto":
+        decision = autotuned or autotune_speed(cfg, model, x_train, y_train, device, policy=autotune_policy,
+                                               split=train_split if loader.name == "dataloader" else None,
+                                               cache_dir=checkpoints.cfg.dir if checkpoints is not None else None)
+        record_decision(tracker, decision)
+        if decision.chosen.workers is not None:
+            workers = decision.chosen.workers
+        speed = decision.settings(speed)
     if speed.memory_format == "channels_last":
         set_channels_last(model)
     if speed.activation_checkpointing:
@@ -212,7 +290,7 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     train_data = (MemoryBatches(*as_tensors(x_train, y_train), cfg.batch_size, generator, rank=rank, world_size=world)
                   if loader.name == "memory" else
                   ParquetBatches(train_split, cfg.batch_size, generator, device=device, rank=rank, world_size=world,
-                                 num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                                 num_workers=workers, pin_memory=cfg.pin_memory,
                                  persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor))
     _record_loader(tracker, loader, rank)
     val_data = as_tensors(np.ascontiguousarray(x_val[rank::world]), np.ascontiguousarray(y_val[rank::world]))
