@@ -485,7 +485,12 @@ def read_cache(path: Path) -> dict[str, _Entry]:
             raise ValueError(f"entry {bad} does not match its key")
         return entries
     except (ValidationError, ValueError, OSError) as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            why = f"{where}: {first['msg']}" if where else first["msg"]
+        else:
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         message = f"autotune: ignoring {path} ({why}); measuring again"
         logger.info(message)   # info: a warning would reach the console a second time (logging's lastResort)
         print(message, file=sys.stderr, flush=True)
