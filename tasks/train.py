@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,11 @@ from ml.io import atomic_write_json
 from ml.provenance import dataset_version, git_diff, git_info
 from ml.settings import load_settings
 from ml.observe.observers import Observers
-from ml.train.distributed import check_nproc, launch, launched_rank, process_group, rank_slots, resolve_backend
+from ml.train.autotune import Decision
+from ml.train.distributed import (check_nproc, launch, launched_rank, process_group, rank0_json, rank_slots,
+                                  resolve_backend)
 from ml.train.loop import resolve_device
+from ml.train.speed import SpeedSettings
 from ml.train.stage import CheckpointContext, config_fingerprint, run_name, train, tune_speed
 from tasks.entry import PARENT_RUN_ENV, parent_run_id as inherited_parent_run_id, stage_main, stage_run
 
@@ -44,10 +48,13 @@ def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: st
     schema = Schema.read(processed)
     rank = launched_rank()
     if rank is None and cfg.distributed.nproc_per_node > 1:
-        return _launch_ranks(params_path, params, parent_run_id, fresh=fresh)
+        return _launch_ranks(params_path, params, parent_run_id, fresh=fresh, retune=retune)
     dataset = dataset_version(processed, schema.source)
     git = git_info()
-    speed, decision = tune_speed(cfg, processed, cache_dir=settings.checkpoint.dir, retune=retune)
+    speed, decision = (tune_speed(cfg, processed, cache_dir=settings.checkpoint.dir, retune=retune)
+                       if rank is None or rank.rank == 0 else (None, None))
+    if rank is not None:  # measurements differ between processes: every rank takes rank 0's choice
+        speed, decision = _rank0_speed(speed, decision)
     fingerprint = config_fingerprint(cfg, dataset.md5, speed)
     if rank is not None and rank.rank != 0:  # trains with rank 0, which alone tracks and writes
         train(cfg, processed, checkpoints=CheckpointContext(settings.checkpoint, fingerprint, dataset=dataset.to_dict(),
@@ -107,6 +114,14 @@ def _launch_ranks(params_path: str, params: Any, parent_run_id: str | None, **fl
     launch(nproc, "tasks.train", ["--params", str(params_path), *(f"--{k}" for k, on in flags.items() if on)],
            env={PARENT_RUN_ENV: parent} if parent else None)
     return json.loads(Path(cfg.run_file).read_text())
+
+
+def _rank0_speed(speed: SpeedSettings | None, decision: Decision | None) -> tuple[SpeedSettings, Decision | None]:
+    """Rank 0's speed switches and autotune decision on every rank."""
+    shared = rank0_json({"speed": asdict(speed), "decision": decision.model_dump(mode="json") if decision else None}
+                        if speed is not None else None)
+    return (SpeedSettings(**shared["speed"]),
+            Decision.model_validate(shared["decision"]) if shared["decision"] is not None else None)
 
 
 def rank_main(argv: list[str] | None = None) -> None:

@@ -332,20 +332,6 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
                        rollbacks.as_dicts())
 
 
-def _restore_best(best: BestWeights | None, state: LoopState, tracker: Tracker) -> int | None:
-    """Loads the best epoch's weights (``train.restore_best``) and records which epoch they are
-    from: run tags ``restore_best.epoch`` and ``restore_best.value``, and one console line."""
-    epoch = best.restore() if best is not None else None
-    if epoch is None:
-        return None
-    tracker.set_tags({"restore_best.epoch": epoch, "restore_best.value": f"{best.metric} {best.best:.6g}"})
-    line = (f"train: the weights of epoch {epoch} are kept ({best.metric} {best.best:.6g}, the best of "
-            f"{len([h for h in state.history if float(h['epoch']).is_integer()])} epochs)")
-    logger.info("%s", line)
-    print(line, flush=True)
-    return epoch
-
-
 def _record_loader(tracker: Tracker, loader: LoaderChoice, rank: int) -> None:
     """Where batches come from (``train.loader``) and why: the run tag ``loader`` and one console line."""
     tracker.set_tags({"loader": loader.name, "loader.reason": loader.reason})
@@ -364,6 +350,20 @@ def _advise_data_wait(tracker: Tracker, state: LoopState, source: Any, rank: int
     logger.warning("train: %s", advice)
     if rank == 0:
         print(f"train: {advice}", flush=True)
+
+
+def _restore_best(best: BestWeights | None, state: LoopState, tracker: Tracker) -> int | None:
+    """Loads the best epoch's weights (``train.restore_best``) and records which epoch they are
+    from: run tags ``restore_best.epoch`` and ``restore_best.value``, and one console line."""
+    epoch = best.restore() if best is not None else None
+    if epoch is None:
+        return None
+    tracker.set_tags({"restore_best.epoch": epoch, "restore_best.value": f"{best.metric} {best.best:.6g}"})
+    line = (f"train: the weights of epoch {epoch} are kept ({best.metric} {best.best:.6g}, the best of "
+            f"{len([h for h in state.history if float(h['epoch']).is_integer()])} epochs)")
+    logger.info("%s", line)
+    print(line, flush=True)
+    return epoch
 
 
 def _check_replicas(sync: Any, model: Classifier, tracker: Tracker) -> None:

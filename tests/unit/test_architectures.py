@@ -149,7 +149,7 @@ def test_presets_resolve_and_explicit_keys_override_them(keys, expected):
 
 
 @pytest.mark.parametrize("keys, fragment", [
-    ({"optimize": "auto"}, "train.optimize: expected one of off, basic, advanced, max, got 'auto'"),
+    ({"optimize": "fastest"}, "train.optimize: expected one of off, basic, advanced, max, auto, got 'fastest'"),
     ({"memory_format": "channels_last"}, "train.memory_format: expected contiguous for the mlp"),
     ({"model": "factory"}, "train.model_factory: expected 'package.module:function' exactly when train.model is factory"),
     ({"compile": "fastest"}, "train.compile: expected one of off, default, reduce-overhead, max-autotune, got 'fastest'"),
