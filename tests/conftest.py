@@ -64,19 +64,37 @@ def empty_store(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def mlflow_uri_environment():
-    """``mlflow.set_tracking_uri``/``set_registry_uri`` (the stages call them in-process) also set
-    MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI in the environment, which every process a later test
-    starts would inherit: a registration would then land in another test's store."""
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
+# Where a process tracks and registers: the stages' in-process `mlflow.set_tracking_uri`/`set_registry_uri`
+# also write MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into the environment, which every process a later
+# test starts would inherit (a registration would then land in another test's store).
+_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "MLOPS_TRACKING__URI", "MLOPS_FLOW_WORKSPACE")
+
+
+def _restore_environment(saved: dict) -> None:
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def mlflow_uri_environment():
+    """Every test leaves the tracking environment as it found it."""
+    saved = {k: os.environ.get(k) for k in _TRACKING_ENV}
+    yield
+    _restore_environment(saved)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_tracking_environment():
+    """And every module: a module fixture that runs a stage in-process (before any test's own
+    guard saves the environment) must not hand its store to the modules that follow it on the
+    same worker."""
+    saved = {k: os.environ.get(k) for k in _TRACKING_ENV}
+    yield
+    _restore_environment(saved)
 
 
 @pytest.fixture(scope="session", autouse=True)
