@@ -68,7 +68,8 @@ def empty_store(tmp_path_factory):
 # also write MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into the environment, which every process a later
 # test starts would inherit (a registration would then land in another test's store).
 _TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLOPS_TRACKING__URI", "MLOPS_FLOW_WORKSPACE")
+                 "MLOPS_TRACKING__URI", "MLOPS_FLOW_WORKSPACE", "MLOPS_PARENT_RUN_ID", "MLFLOW_RUN_ID",
+                 "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 
 def _restore_environment(saved: dict) -> None:
