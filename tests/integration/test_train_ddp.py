@@ -146,7 +146,7 @@ def test_a_killed_rank_fails_the_run_cleanly_and_a_rerun_resumes_exactly(straigh
     stage(killed, "evaluate")
     registered = stage(killed, "register")
     version = client.get_model_version(registered["model_name"], registered["version"])
-    assert version.run_id == resumed["run_id"]
+    assert version.tags["source_run_id"] == resumed["run_id"]
 
 
 @pytest.mark.parametrize(("name", "change", "line"), [
