@@ -72,8 +72,27 @@ _TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_
                  "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 
-def _restore_environment(saved: dict) -> None:
+# ... and into MLflow's module globals, which an MlflowClient made for one tracking URI without a
+# registry URI registers through: (module, attribute) of the tracking and the registry URI.
+_MLFLOW_URI_GLOBALS = (("mlflow.tracking._tracking_service.utils", "_tracking_uri"),
+                       ("mlflow.tracking._model_registry.utils", "_registry_uri"))
+
+
+def _tracking_state() -> dict:
+    state = {k: os.environ.get(k) for k in _TRACKING_ENV}
+    for module, name in _MLFLOW_URI_GLOBALS:
+        if module in sys.modules:   # mlflow is imported by the tests that use it, not here
+            state[(module, name)] = getattr(sys.modules[module], name, None)
+    return state
+
+
+def _restore_tracking_state(saved: dict) -> None:
+    for module, name in _MLFLOW_URI_GLOBALS:
+        if module in sys.modules:
+            setattr(sys.modules[module], name, saved.get((module, name)))
     for key, value in saved.items():
+        if isinstance(key, tuple):
+            continue
         if value is None:
             os.environ.pop(key, None)
         else:
@@ -82,10 +101,10 @@ def _restore_environment(saved: dict) -> None:
 
 @pytest.fixture(autouse=True)
 def mlflow_uri_environment():
-    """Every test leaves the tracking environment as it found it."""
-    saved = {k: os.environ.get(k) for k in _TRACKING_ENV}
+    """Every test leaves the tracking environment (and MLflow's process-wide URIs) as it found it."""
+    saved = _tracking_state()
     yield
-    _restore_environment(saved)
+    _restore_tracking_state(saved)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,9 +112,9 @@ def module_tracking_environment():
     """And every module: a module fixture that runs a stage in-process (before any test's own
     guard saves the environment) must not hand its store to the modules that follow it on the
     same worker."""
-    saved = {k: os.environ.get(k) for k in _TRACKING_ENV}
+    saved = _tracking_state()
     yield
-    _restore_environment(saved)
+    _restore_tracking_state(saved)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -126,7 +126,8 @@ def test_a_killed_rank_fails_the_run_cleanly_and_a_rerun_resumes_exactly(straigh
         "error: train: distributed training failed: rank 1 was killed by SIGKILL; a rerun resumes from the newest "
         "valid checkpoint")
     assert not (killed / "models").exists() and not (killed / "reports/train_run.json").exists()
-    client = MlflowClient(tracking_uri=f"sqlite:///{killed}/mlflow.db")
+    store = f"sqlite:///{killed}/mlflow.db"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     (failed,) = train_runs(client)
     # rank 0 lost rank 1 in a collective, or torchrun's SIGTERM came first
     assert failed.info.status == "FAILED" and any(why in failed.data.tags["error"] for why in ("gloo", "RankStopped"))
@@ -146,7 +147,7 @@ def test_a_killed_rank_fails_the_run_cleanly_and_a_rerun_resumes_exactly(straigh
     stage(killed, "evaluate")
     registered = stage(killed, "register")
     version = client.get_model_version(registered["model_name"], registered["version"])
-    assert version.tags["source_run_id"] == resumed["run_id"]
+    assert version.run_id == version.tags["source_run_id"] == resumed["run_id"]
 
 
 @pytest.mark.parametrize(("name", "change", "line"), [
