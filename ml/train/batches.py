@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ml.data.contract import LABEL
-from ml.data.prepare import split_arrays
+from ml.data.prepare import table_arrays
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -180,9 +180,10 @@ class ParquetSplit:
         """Features (float32; none when ``features`` is false) and label indices of one row group."""
         if self._file is None:
             self._file = pq.ParquetFile(self.path, memory_map=True)
-        columns = [*self.features, LABEL] if features else [LABEL]
-        frame = self._file.read_row_group(index, columns=columns).to_pandas()
-        return split_arrays(frame, self.features if features else (), self.classes, f"{self.path} row group {index}")
+        present = set(self._file.schema_arrow.names)   # a missing column is table_arrays' one-line error
+        columns = [c for c in ([*self.features, LABEL] if features else [LABEL]) if c in present]
+        table = self._file.read_row_group(index, columns=columns)
+        return table_arrays(table, self.features if features else (), self.classes, f"{self.path} row group {index}")
 
     def labels(self) -> np.ndarray:
         """Every row's label index (one column: small beside the features)."""

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from ml.config import TrainConfig
+from ml.errors import DataError
 from ml.settings import CheckpointConfig
 from ml.model.architectures import MLP, ModelSpec
 from ml.tracking.base import NullTracker
@@ -169,6 +170,27 @@ def test_ranks_read_disjoint_batches_and_as_many_each(split_file):
                                                               device=torch.device("cpu")), 1)[0]]).tolist()
     batches = [whole[i:i + 32] for i in range(0, ROWS, 32)] + [whole[:32], whole[32:64]]
     assert ids == [sum(batches[r::3], []) for r in range(3)]
+
+
+def test_a_row_group_read_equals_the_frame_read_of_the_same_rows(split_file):
+    path, x = split_file
+    features, labels = parquet_split(path).read_group(1)
+    frame = pd.read_parquet(path).iloc[GROUP:2 * GROUP]
+    assert features.dtype == np.float32 and np.array_equal(features, x[GROUP:2 * GROUP])
+    assert labels.tolist() == [CLASSES.index(v) for v in frame["label"]]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda f: f.drop(columns=["f3"]), "columns f3 of the contract are missing"),
+    (lambda f: f.assign(f2="x"), "non-numeric feature values"),
+    (lambda f: f.assign(label="z"), r"labels \['z'\] are outside the contract's class list"),
+], ids=["missing-column", "text-feature", "unknown-label"])
+def test_a_row_group_outside_the_contract_is_one_line(tmp_path, change, message):
+    path = tmp_path / "train.parquet"
+    frame = pd.DataFrame(np.zeros((4, FEATURES), np.float32), columns=[f"f{i}" for i in range(FEATURES)])
+    change(frame.assign(label="a")).to_parquet(path, index=False)
+    with pytest.raises(DataError, match=rf"^{path} row group 0: {message}"):
+        parquet_split(path).read_group(0)
 
 
 def test_streamed_statistics_labels_and_head_match_the_whole_split(split_file):
