@@ -150,11 +150,21 @@ class ConvNet(nn.Module):
         widths = [input_shape[0], *channels]
         self.blocks = nn.Sequential(*(ConvBlock(widths[i], widths[i + 1], groups, pool=i % 2 == 1)
                                       for i in range(len(channels))))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+        self.head = nn.Sequential(GlobalAvgPool(), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(widths[-1], num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(x))
+
+
+class GlobalAvgPool(nn.Module):
+    """The mean over height and width, as ``avg_pool2d`` over the whole map: its backward hands the
+    last block a gradient in the activations' memory format. ``AdaptiveAvgPool2d(1)`` is a mean
+    whose backward expands to a contiguous (NCHW) gradient, and under channels_last the last block's
+    GELU backward then ran several times slower on mismatched layouts."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool2d(x, x.shape[-2:])
 
 
 class Attention(nn.Module):
