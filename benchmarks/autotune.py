@@ -23,7 +23,9 @@ initialization, which any first step pays, is counted for neither side.
 ``dataloader_vs_memory`` trains the cnn in the setup auto chose for its long job, fed by the
 memory batch source (:class:`ml.train.batches.MemoryBatches`) and by the dataloader
 (:class:`ml.train.batches.ParquetBatches`, 2 workers) over the same rows written to a Parquet file
-in row groups of one batch, in interleaved rounds. The last line is::
+in :data:`LOADER_GROUPS` row groups of about 4 MB decoded each (:data:`ROW_GROUP_BYTES`: a streamed
+file's groups are sized in bytes, so a worker holds two of them, not the split), in interleaved
+rounds. The last line is::
 
     RESULT auto_vs_best=<min over jobs of best hand-picked job time / auto's job time, probe
     included> auto_overhead=<max over jobs of auto's probe time / auto's job time>
@@ -52,6 +54,8 @@ from ml.train.speed import autocast_for, fast_bf16, grad_scaler_for
 from ml.train.step import train_step
 
 WARMUP = 3
+ROW_GROUP_BYTES = 4 * 2**20   # decoded bytes of one row group of the dataloader comparison's Parquet file
+LOADER_GROUPS = 8             # row groups in that file
 
 
 @dataclass
@@ -194,12 +198,17 @@ def loader_ratio(job: Job, c: Candidate, device: torch.device, rounds: int, step
 
     features = tuple(f"f{i}" for i in range(job.x.shape[1]))
     classes = tuple(str(i) for i in range(job.spec.num_classes))
-    frame = pd.DataFrame(job.x.cpu().numpy(), columns=list(features))
-    frame[LABEL] = job.y.cpu().numpy()
+    group_rows = max(job.batch_size, ROW_GROUP_BYTES // (4 * len(features) + 8))
+    g = torch.Generator().manual_seed(1)   # LOADER_GROUPS row groups: the workers stream, not cache, the split
+    x = torch.rand(LOADER_GROUPS * group_rows, len(features), generator=g)
+    y = torch.randint(0, job.spec.num_classes, (len(x),), generator=g)
+    frame = pd.DataFrame(x.numpy(), columns=list(features))
+    frame[LABEL] = y.numpy()
     path = Path(tempfile.mkdtemp(prefix="bench-autotune-loader-")) / "train.parquet"
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=job.batch_size)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=group_rows)
+    del frame
     split = ParquetSplit(path, features, classes)
-    sources = {"memory": MemoryBatches(job.x, job.y, job.batch_size, torch.Generator().manual_seed(0)),
+    sources = {"memory": MemoryBatches(x.to(device), y.to(device), job.batch_size, torch.Generator().manual_seed(0)),
                "dataloader": ParquetBatches(split, job.batch_size, torch.Generator().manual_seed(0), device=device,
                                             num_workers=2, persistent_workers=True)}
     model = job.model(device)
