@@ -190,15 +190,16 @@ def table_arrays(table: Any, features: tuple[str, ...], classes: tuple[str, ...]
                  where: str) -> tuple[np.ndarray, np.ndarray]:
     """:func:`split_arrays` for a pyarrow table: each feature column is copied straight into one
     float32 array (a pandas frame of thousands of columns costs ten times the read itself)."""
-    missing = [c for c in (*features, LABEL) if c not in table.column_names]
+    position = {name: i for i, name in enumerate(table.column_names)}   # one lookup a column, not a scan
+    missing = [c for c in (*features, LABEL) if c not in position]
     if missing:
         raise DataError(f"{where}: columns {', '.join(missing[:5])} of the contract are missing; "
                         "run the validate stage to see how the data differs")
-    labels = label_indices(table.column(LABEL).to_pandas(), classes, where)
+    labels = label_indices(table.column(position[LABEL]).to_pandas(), classes, where)
     x = np.empty((table.num_rows, len(features)), dtype=np.float32)
     try:
         for j, name in enumerate(features):
-            x[:, j] = table.column(name).to_numpy()
+            x[:, j] = table.column(position[name]).to_numpy()
     except (TypeError, ValueError):
         raise DataError(f"{where}: non-numeric feature values; run the validate stage to see where") from None
     return x, labels
