@@ -54,7 +54,7 @@ from ml.train.speed import autocast_for, fast_bf16, grad_scaler_for
 from ml.train.step import train_step
 
 WARMUP = 3
-ROW_GROUP_BYTES = 4 * 2**20   # decoded bytes of one row group of the dataloader comparison's Parquet file
+ROW_GROUP_BYTES = 16 * 2**20  # decoded bytes of one row group of the dataloader comparison's Parquet file
 LOADER_GROUPS = 8             # row groups in that file
 
 
@@ -268,7 +268,7 @@ def main() -> None:
                   f"{probe_s:.2f} s; best by hand {best.candidate.name}; {decision.reason}", flush=True)
         if job.name == "cnn":
             chosen = autos["long"][0].chosen
-            loader = loader_ratio(job, chosen, device, args.rounds, 2 * args.steps)
+            loader = loader_ratio(job, chosen, device, args.rounds, 4 * args.steps)
             print(f"cnn {chosen.name}: dataloader (2 workers) / memory steps/s = {loader:.3f}", flush=True)
     print(f"RESULT auto_vs_best={min(ratios):.3f} auto_overhead={max(overheads):.3f} "
           f"dataloader_vs_memory={loader:.3f}")

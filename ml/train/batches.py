@@ -298,6 +298,20 @@ def worker_count(requested: int) -> int:
     return available
 
 
+WORKER_NICENESS = 10
+
+
+def _lower_priority(_worker: int) -> None:
+    """A DataLoader worker runs at a lower CPU priority than the training process: on a machine
+    whose cores the training's threads fill, a worker that wakes would otherwise preempt one of
+    them, and every thread of an intra-op parallel region waits for the slowest. The workers then
+    fill the gaps (the prefetched batches cover them); on idle cores the priority changes nothing."""
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:   # not allowed here: the worker runs as it is
+        pass
+
+
 class ParquetBatches:
     """Batches of a :class:`ParquetSplit` read by a ``torch.utils.data.DataLoader`` (see the module
     docstring for the shuffle), copied to ``device`` without blocking (from pinned memory on CUDA
@@ -322,7 +336,7 @@ class ParquetBatches:
         # a generator of its own for the workers' base seed (which nothing here uses): without one,
         # each new iterator draws it from torch's global RNG and shifts dropout's random numbers
         self.loader = DataLoader(self.dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
-                                 pin_memory=pin_memory and device.type == "cuda",
+                                 pin_memory=pin_memory and device.type == "cuda", worker_init_fn=_lower_priority,
                                  generator=torch.Generator().manual_seed(0), **extra)
         self._pos = _Position(generator, len(self._mine))
 

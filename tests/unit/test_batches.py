@@ -193,6 +193,23 @@ def test_a_row_group_outside_the_contract_is_one_line(tmp_path, change, message)
         parquet_split(path).read_group(0)
 
 
+def _niceness_of_a_worker() -> int:
+    from ml.train.batches import _lower_priority
+
+    _lower_priority(0)
+    return os.nice(0)
+
+
+def test_dataloader_workers_run_below_the_training_process_priority():
+    import concurrent.futures
+    import multiprocessing
+
+    from ml.train.batches import WORKER_NICENESS
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(_niceness_of_a_worker).result() == min(os.nice(0) + WORKER_NICENESS, 19)
+
+
 def test_streamed_statistics_labels_and_head_match_the_whole_split(split_file):
     path, x = split_file
     split = parquet_split(path)
