@@ -20,8 +20,8 @@ batches of the training split, with the python, numpy and torch (CPU and CUDA) R
 before and restored after, so the real run is bit-identical to one with the chosen setup written by
 hand. A probe compiles (timed), runs ``Policy.loss_steps`` steps and evaluates the loss on the probe
 batches (under the candidate's autocast, as validation runs), then times steps until
-``Policy.min_seconds`` have passed (between ``min_steps`` and ``max_steps`` steps); its speed is
-the median step's.
+``Policy.min_seconds`` have passed (between ``min_steps`` and ``max_steps`` steps, the loss steps
+after the first counted among them); its speed is the median step's.
 
 Rules (:class:`Policy`):
     numerics: a candidate counts only if its loss after the probe steps is within ``tolerance``
@@ -262,17 +262,22 @@ def measurer(model: nn.Module, make_optimizer: OptimizerFactory, steps: Sequence
             return train_step(compiled.forward, optimizer, next(feed) if feed else steps[i % len(steps)],
                               autocast=autocast, scaler=scaler)
 
-        for i in range(policy.loss_steps):
-            step(i)
-        loss = _loss(probe, steps, autocast) if feed is None else None
-        # the median step, each waited for: a burst of load from another process moves it less than the mean
+        # the median step, each waited for: a burst of load from another process moves it less than the
+        # mean. The loss steps after the first (which pays first-call costs) are timed samples too.
         times: list[float] = []
-        timed_start = time.perf_counter()
+        for i in range(policy.loss_steps):
+            begin = time.perf_counter()
+            float(step(i).loss)
+            if i:
+                times.append(time.perf_counter() - begin)
+        loss = _loss(probe, steps, autocast) if feed is None else None
+        timed_start, done = time.perf_counter(), policy.loss_steps
         while len(times) < policy.min_steps or (len(times) < policy.max_steps
                                                 and time.perf_counter() - timed_start < policy.min_seconds):
             begin = time.perf_counter()
-            float(step(policy.loss_steps + len(times)).loss)  # waits for the device
+            float(step(done).loss)  # waits for the device
             times.append(time.perf_counter() - begin)
+            done += 1
         if feed is not None:
             feed.close()   # ends the loader's workers
         if c.compile != "off":
