@@ -268,7 +268,7 @@ def main() -> None:
                   f"{probe_s:.2f} s; best by hand {best.candidate.name}; {decision.reason}", flush=True)
         if job.name == "cnn":
             chosen = autos["long"][0].chosen
-            loader = loader_ratio(job, chosen, device, args.rounds, 4 * args.steps)
+            loader = loader_ratio(job, chosen, device, max(args.rounds, 5), 4 * args.steps)
             print(f"cnn {chosen.name}: dataloader (2 workers) / memory steps/s = {loader:.3f}", flush=True)
     print(f"RESULT auto_vs_best={min(ratios):.3f} auto_overhead={max(overheads):.3f} "
           f"dataloader_vs_memory={loader:.3f}")
