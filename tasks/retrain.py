@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -124,27 +123,15 @@ def baselines(client: Any, model_name: str) -> list[Baseline]:
 
 
 def materialize_dvc_dir(md5: str, dest: Path, repo_dir: str | Path = ".") -> bool:
-    """Copies the directory whose DVC md5 is ``md5`` (``<hash>.dir``) out of the local DVC cache
-    into ``dest``; False when the cache does not hold all of it."""
-    from dvc.repo import Repo
-    from dvc_data.hashfile.hash_info import HashInfo
-    from dvc_data.hashfile.tree import Tree
+    """Copies the prepared directory whose DVC md5 is ``md5`` out of the local DVC cache into
+    ``dest`` (:func:`ml.data.dvc_cache.materialize`); False, with one line saying why, when the
+    cache does not hold all of it or it is not a prepared split directory."""
+    from ml.data.dvc_cache import materialize
 
-    if not md5.endswith(".dir"):
-        return False
-    try:
-        with Repo(str(repo_dir)) as repo:
-            odb = repo.cache.local
-            tree = Tree.load(odb, HashInfo("md5", md5))
-            for key, _, info in tree:
-                source = Path(odb.oid_to_path(info.value))
-                if not source.is_file():
-                    return False
-                target = dest.joinpath(*key)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
-    except Exception as exc:  # noqa: BLE001 - not a DVC repository, no such listing, or a damaged one
-        print(f"DVC cache: {md5}: {exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+    done, why = materialize(md5, dest, repo_dir)
+    if not done:
+        if md5.endswith(".dir"):
+            print(f"DVC cache: {why}")
         return False
     return (dest / "test.parquet").is_file() and (dest / "schema.json").is_file()
 

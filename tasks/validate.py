@@ -6,7 +6,6 @@ split is in the DVC cache with the contract's columns, else the contract's refer
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ def champion_training_split(model_name: str, features: tuple[str, ...]) -> tuple
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from ml.data.dvc_cache import cached_files
     from ml.settings import load_settings
     from ml.tracking.mlflow_tracker import configure_mlflow
     from registry.store import champion
@@ -39,13 +39,11 @@ def champion_training_split(model_name: str, features: tuple[str, ...]) -> tuple
     if current is None:
         return None, f"{model_name} has no champion"
     md5 = current.tags.get("dataset_md5", "")
-    listing = Path(".dvc/cache/files/md5") / md5[:2] / md5[2:]
-    if not md5.endswith(".dir") or not listing.is_file():
+    files, _ = cached_files(md5)
+    if files is None:
         return None, f"the training data of {model_name} v{current.version} is not in the local DVC cache"
-    files = {e["relpath"]: Path(".dvc/cache/files/md5") / e["md5"][:2] / e["md5"][2:]
-             for e in json.loads(listing.read_text())}
     path = files.get("train.parquet")
-    if path is None or not path.is_file():
+    if path is None:
         return None, f"the training split of {model_name} v{current.version} is not in the local DVC cache"
     frame = pd.read_parquet(path)
     if [c for c in frame.columns if c != "label"] != list(features):
