@@ -319,10 +319,14 @@ def test_an_auto_run_through_the_dataloader_takes_the_workers_it_timed(digits):
     workers = int(tags["autotune.choice"].split("dataloader ")[1].split(" workers")[0])
     assert workers in (0, 2) and int(tags["autotune.probed"]) == 4   # fp32, bf16 eager; 0 and 2 workers
     assert tags["loader"] == "dataloader"
-    hand = TrainConfig.model_validate({**base, "num_workers": workers, "precision": probed.speed.precision,
+    # by hand: optimize off (an auto run with the precision pinned could still fall back to fp32 eager
+    # when its probe budget leaves the pinned setup unmeasured)
+    hand = TrainConfig.model_validate({**base, "optimize": "off", "num_workers": workers,
+                                       "precision": probed.speed.precision, "memory_format": probed.speed.memory_format,
                                        "model_dir": str(project / "hand-dl"),
                                        "metrics_file": str(project / "hand-dl.json")})
     by_hand = train(hand, processed)
+    assert by_hand.speed == probed.speed
     for key, value in probed.model.state_dict().items():
         assert torch.equal(value, by_hand.model.state_dict()[key]), key
 
