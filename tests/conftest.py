@@ -78,21 +78,21 @@ _MLFLOW_URI_GLOBALS = (("mlflow.tracking._tracking_service.utils", "_tracking_ur
                        ("mlflow.tracking._model_registry.utils", "_registry_uri"))
 
 
-def _tracking_state() -> dict:
-    state = {k: os.environ.get(k) for k in _TRACKING_ENV}
-    for module, name in _MLFLOW_URI_GLOBALS:
-        if module in sys.modules:   # mlflow is imported by the tests that use it, not here
-            state[(module, name)] = getattr(sys.modules[module], name, None)
-    return state
+def _tracking_state() -> tuple[dict, dict]:
+    """The tracking variables of the environment, and MLflow's URI globals (mlflow is imported by the
+    tests that use it, not here: a module not imported yet has its globals at their None default)."""
+    env = {k: os.environ.get(k) for k in _TRACKING_ENV}
+    uris = {(module, name): getattr(sys.modules[module], name, None)
+            for module, name in _MLFLOW_URI_GLOBALS if module in sys.modules}
+    return env, uris
 
 
-def _restore_tracking_state(saved: dict) -> None:
+def _restore_tracking_state(saved: tuple[dict, dict]) -> None:
+    env, uris = saved
     for module, name in _MLFLOW_URI_GLOBALS:
         if module in sys.modules:
-            setattr(sys.modules[module], name, saved.get((module, name)))
-    for key, value in saved.items():
-        if isinstance(key, tuple):
-            continue
+            setattr(sys.modules[module], name, uris.get((module, name)))
+    for key, value in env.items():
         if value is None:
             os.environ.pop(key, None)
         else:

@@ -48,7 +48,7 @@ from ml.data.prepare import table_arrays
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 __all__ = ["Batch", "BatchSource", "DATA_WAIT_SHARE", "LoaderChoice", "MemoryBatches", "ParquetBatches", "ParquetSplit",
-           "choose_loader", "data_wait_advice", "shard_order", "worker_count"]
+           "available_cores", "choose_loader", "data_wait_advice", "shard_order", "worker_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -288,10 +288,15 @@ class _EpochSampler(Sampler):
         return len(self.indices)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_count(requested: int) -> int:
     """``requested`` DataLoader workers, or the cores available to this process when fewer, with
     one warning line saying so."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    available = available_cores()
     if requested <= available:
         return requested
     logger.warning("train.num_workers: %d is above the %d cores available; using %d", requested, available, available)

@@ -96,7 +96,9 @@ def rank_slots(backend: str, device: torch.device) -> tuple[int, str]:
     on CUDA, else one per CPU core this process may run on."""
     if backend == "nccl" or device.type == "cuda":
         return torch.cuda.device_count(), "CUDA devices"
-    return len(os.sched_getaffinity(0)), "CPU cores available"
+    from ml.train.batches import available_cores
+
+    return available_cores(), "CPU cores available"
 
 
 def check_nproc(nproc: int, slots: int, what: str) -> None:

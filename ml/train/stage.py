@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,8 @@ from ml.model.architectures import enable_activation_checkpointing, set_channels
 from ml.model.serialization import save_model
 from ml.tracking.base import NullTracker, Tracker
 from ml.train.autotune import Candidate, Decision, Policy, preserved_rng, record_decision, tune
-from ml.train.batches import LoaderChoice, MemoryBatches, ParquetBatches, ParquetSplit, choose_loader, data_wait_advice
+from ml.train.batches import (LoaderChoice, MemoryBatches, ParquetBatches, ParquetSplit, available_cores, choose_loader,
+                              data_wait_advice)
 from ml.train.memory import MemoryGuard
 from ml.train.compile import CompiledForward, compile_forward, example_batches
 from ml.train.distributed import gather_digests, interrupt_on_sigterm, rank_sync, seed_rank, weights_digest, wrap_model
@@ -118,8 +118,7 @@ def autotune_speed(cfg: TrainConfig, model: Classifier, x_train: np.ndarray, y_t
                         reason=f"a distributed run ({cfg.distributed.nproc_per_node} ranks) is not measured")
     loaders, dataloader = (), None
     if split is not None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        loaders = tuple(sorted({min(w, cores) for w in (0, 2, 4)}))
+        loaders = tuple(sorted({min(w, available_cores()) for w in (0, 2, 4)}))
         dataloader = lambda workers: ParquetBatches(  # noqa: E731 - its own generator: no global RNG drawn
             split, cfg.batch_size, torch.Generator().manual_seed(cfg.seed), device=device, num_workers=workers,
             pin_memory=cfg.pin_memory, prefetch_factor=cfg.prefetch_factor)
