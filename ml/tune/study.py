@@ -7,7 +7,9 @@
 A trial trains with ``params.train`` except for the keys of ``tune.space``, into its own directory
 (``<trials_dir>/<study_name>/trial-NNNN/``), without checkpoints. After each epoch a
 :class:`PruningHook` reports the monitored validation metric to Optuna; when the pruner says so the
-loop stops and the trial is recorded as pruned. Completed trials log their model. The best trial
+loop stops and the trial is recorded as pruned. Completed trials log their weights; a completed
+trial that no earlier completed trial dominates also logs its MLflow model (:func:`leads_study`),
+so the trials that could be adopted carry one and the others skip its cost. The best trial
 then becomes the pipeline's trained model: its weights go to ``train.model_dir`` and its summary to
 ``train.run_file`` in the train stage's format, so evaluate and register continue from it.
 """
@@ -21,7 +23,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +32,7 @@ from ml.config import Params, SearchParam, TrainConfig, TuneConfig, flatten
 from ml.errors import ConfigError, PipelineError
 from ml.io import atomic_write_json, replace_dir
 from ml.train.loop import Callback
-from ml.tune.objectives import adopted_trial, measure, objectives_of, select_rule
+from ml.tune.objectives import Objective, adopted_trial, measure, objectives_of, select_rule
 from ml.tune.plots import write_study_report
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 TRIAL_TAG = "optuna_trial"
 STUDY_TAG = "optuna_study"
 STATE_TAG = "optuna_state"
+MODEL_LOGGED_TAG = "model_logged"  # "true" on a trial that led its study when it completed (see leads_study)
 RUN_ID_ATTR = "mlflow_run_id"
 SUMMARY_ATTR = "train_summary"
 WEIGHTS_ARTIFACTS = "weights"
@@ -239,7 +242,8 @@ def _train_trial(trial: Any, cfg: TrainConfig, tracker: Any, ctx: StudyContext) 
         tracker.set_tags({STATE_TAG: "FAIL", "error": ", ".join(f"{k} is {v}" for k, v in values.items()
                                                                 if not math.isfinite(v))})
         return value  # Optuna records a non-finite value as a failed trial
-    model_uri = tracker.log_model(result.model, ctx.example)
+    leading = leads_study(trial, values, objectives_of(tune))
+    model_uri = tracker.log_model(result.model, ctx.example) if leading else None
     tracker.log_artifacts(cfg.model_dir, WEIGHTS_ARTIFACTS)
     summary = {"run_id": tracker.run_id, "model_uri": model_uri, "experiment": ctx.tracking.experiment,
                "run_url": tracker.url, "parent_run_id": ctx.study_run_id, "dataset": ctx.dataset.to_dict(),
@@ -247,8 +251,31 @@ def _train_trial(trial: Any, cfg: TrainConfig, tracker: Any, ctx: StudyContext) 
                "resume": "", "stopped_early": result.state.stop_reason, "final": result.final_metrics}
     atomic_write_json(cfg.run_file, summary)
     trial.set_user_attr(SUMMARY_ATTR, summary)
-    tracker.set_tags({STATE_TAG: "COMPLETE", "optuna_value": value})
+    tracker.set_tags({STATE_TAG: "COMPLETE", "optuna_value": value, MODEL_LOGGED_TAG: str(leading).lower()})
     return value
+
+
+def dominates(a: Sequence[float], b: Sequence[float], objectives: Sequence[Objective]) -> bool:
+    """Whether values ``a`` are at least as good as ``b`` in every objective and better in one."""
+    signs = [1.0 if o.direction == "max" else -1.0 for o in objectives]
+    at_least = all(s * x >= s * y for s, x, y in zip(signs, a, b))
+    return at_least and any(s * x > s * y for s, x, y in zip(signs, a, b))
+
+
+def leads_study(trial: Any, values: Mapping[str, float], objectives: Sequence[Objective]) -> bool:
+    """Whether a trial about to complete with ``values`` is dominated by no completed trial of its
+    study (single objective: none is strictly better), every invocation's and every worker's.
+
+    Only such a trial logs its MLflow model, as Lightning's ``save_top_k`` keeps only the best
+    checkpoints: the adopted trial (Optuna's best, or a trial of the Pareto front picked by
+    ``tune.select``) was dominated by no completed trial when it completed, so it always has its
+    model. Two trials completing at once may both log one; none that could be adopted goes without.
+    """
+    import optuna
+
+    mine = [values[o.name] for o in objectives]
+    done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return not any(dominates(other.values, mine, objectives) for other in done)
 
 
 @dataclass(frozen=True)
@@ -297,7 +324,7 @@ def run_study(study: Any, ctx: StudyContext, study_run: Any,
         write_study_report(study, tune.report_dir, seed=tune.seed, objective_names=names)
         raise
     best_values = dict(zip(names, best.values))
-    if SUMMARY_ATTR not in best.user_attrs:
+    if not best.user_attrs.get(SUMMARY_ATTR, {}).get("model_uri"):
         raise PipelineError(f"tune: best trial {best.number} of study {tune.study_name} has no trained model "
                             f"recorded (user attr {SUMMARY_ATTR}); use another tune.study_name")
     outcome = StudyOutcome(tune.study_name, best.number, float(best_values[select_rule(tune).target]),

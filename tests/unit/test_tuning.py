@@ -12,8 +12,9 @@ import torch
 from ml.config import load_params
 from ml.errors import ConfigError
 from ml.train.loop import LoopState, fit
-from ml.tune.study import (PruningHook, StudyOutcome, adopt_best_trial, choice_label, decode_params, open_study,
-                       trial_dir, trial_train_config, write_study_report)
+from ml.tune.objectives import Objective
+from ml.tune.study import (PruningHook, StudyOutcome, adopt_best_trial, choice_label, decode_params, leads_study,
+                           open_study, trial_dir, trial_train_config, write_study_report)
 from tests.conftest import REPO, base_params, write_params
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -197,6 +198,41 @@ def test_pruning_inside_the_training_loop_ends_it_after_the_epoch():
 
 
 # -- the study in its storage ---------------------------------------------------------------------------
+
+def asked(directions, completed):
+    """A new trial of an in-memory study whose completed trials have the ``completed`` values."""
+    study = optuna.create_study(directions=directions)
+    for values in completed:
+        study.add_trial(optuna.trial.create_trial(values=values, state=optuna.trial.TrialState.COMPLETE))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, intermediate_values={0: 1.0}))
+    return study.ask()
+
+
+@pytest.mark.parametrize(("completed", "value", "leads"), [
+    ([], 0.5, True),                    # the first trial always logs its model
+    ([[0.9], [0.95]], 0.95, True),      # a tie with the best leads (Optuna may adopt either)
+    ([[0.9], [0.95]], 0.96, True),
+    ([[0.9], [0.95]], 0.94, False),     # a better trial has completed: this one cannot be adopted
+])
+def test_a_trial_logs_its_model_only_while_no_completed_trial_beats_it(completed, value, leads):
+    assert leads_study(asked(["maximize"], completed), {"val_accuracy": value},
+                       [Objective("val_accuracy", "max")]) is leads
+
+
+def test_a_minimized_metric_leads_when_lower():
+    objectives = [Objective("val_loss", "min")]
+    assert leads_study(asked(["minimize"], [[0.3]]), {"val_loss": 0.2}, objectives)
+    assert not leads_study(asked(["minimize"], [[0.3]]), {"val_loss": 0.4}, objectives)
+
+
+def test_a_multi_objective_trial_leads_while_on_the_pareto_front():
+    objectives = [Objective("val_accuracy", "max"), Objective("latency_ms", "min")]
+    study = [[0.95, 2.0], [0.90, 1.0]]
+    assert leads_study(asked(["maximize", "minimize"], study), {"val_accuracy": 0.92, "latency_ms": 1.5}, objectives)
+    assert leads_study(asked(["maximize", "minimize"], study), {"val_accuracy": 0.95, "latency_ms": 2.0}, objectives)
+    assert not leads_study(asked(["maximize", "minimize"], study), {"val_accuracy": 0.94, "latency_ms": 2.5},
+                           objectives)  # [0.95, 2.0] is better in both
+
 
 def test_study_resumes_from_rdb_storage_and_goes_on_with_new_suggestions(tmp_path):
     params = params_with(tmp_path, pruner="none")
