@@ -11,8 +11,9 @@ binaries (:class:`mlops.postgres.PostgresCluster`, fsync on as a real server has
    ``--trials`` trials of ``--epochs`` epochs of a small MLP with a fixed batch size, so every trial
    costs the same (30 epochs: about 1.4 s here, 100: 4.4 s; at 4, a 0.6 s trial is mostly its MLflow logging
    and the workers' start-up), no pruning, the study in its own PostgreSQL database and the trials logged to the
-   PostgreSQL-backed server: once in one process (``--workers 1``), once with two worker processes.
-   The wall time is the whole stage, worker start-up and the study run's plots included; the median
+   PostgreSQL-backed server: once with ``--workers 1``, once with two workers (the stage's process and
+   one worker process), each in a new process so that neither finds imports and warm-ups the other paid
+   for. The wall time is the whole stage, worker start-up and the study run's plots included; the median
    trial duration (Optuna's start to complete) shows how much of a difference is per-trial cost.
 2. ``log_batch``: ``--metrics`` points to a new run, 1,000 per call (MLflow's limit per request),
    to each server, ``--rounds`` times alternating; the median throughput of each is compared.
@@ -49,12 +50,37 @@ def tuning_params(trials: int, epochs: int) -> dict[str, Any]:
     return params
 
 
+# One configuration of the study in a process of its own, so that neither finds the imports and
+# warm-ups (torch, MLflow's model flavors, Optuna's plots) the other's trials paid for.
+STAGE = """
+import json, sys, time
+from tasks.tune import run
+start = time.perf_counter()
+summary = run("params.yaml", workers=int(sys.argv[1]))
+print("SCALE-BENCH " + json.dumps({"wall_s": time.perf_counter() - start, "summary": summary}, default=str))
+"""
+
+
+def run_stage(project: Path, workers: int) -> tuple[float, dict[str, Any]]:
+    """The tune stage's wall time (from its call, in a new process) and its summary."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", STAGE, str(workers)], cwd=project, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = next((x for x in done.stdout.splitlines() if x.startswith("SCALE-BENCH ")), None)
+    if done.returncode or line is None:
+        raise RuntimeError(f"tune stage with {workers} workers: exit code {done.returncode}\n{done.stderr[-3000:]}")
+    result = json.loads(line.removeprefix("SCALE-BENCH "))
+    return result["wall_s"], result["summary"]
+
+
 def bench_tuning(project: Path, cluster: Any, tracking_uri: str, trials: int, epochs: int) -> dict[int, dict]:
     """Wall time and trial states of the tune stage with 1 and with 2 workers, each on a new study."""
     import optuna
 
     from tasks.prepare import run as prepare
-    from tasks.tune import run as tune
 
     params = tuning_params(trials, epochs)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -69,9 +95,7 @@ def bench_tuning(project: Path, cluster: Any, tracking_uri: str, trials: int, ep
             params["tune"].update({"storage": cluster.create_database(f"optuna_w{workers}"),
                                    "study_name": f"scale-w{workers}"})
             (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            start = time.perf_counter()
-            summary = tune("params.yaml", workers=workers)
-            wall = time.perf_counter() - start
+            wall, summary = run_stage(project, workers)
             study = optuna.load_study(study_name=params["tune"]["study_name"], storage=params["tune"]["storage"])
             durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials]
             results[workers] = {"wall_s": wall, "states": summary["trial_states"], "best": summary["best_value"],
@@ -154,8 +178,9 @@ def main() -> None:
         per_min = 60 * sum(row["states"].values()) / row["wall_s"]
         print(f"{workers:8d} {row['wall_s']:9.1f} {per_min:11.1f} {row['trial_s']:15.2f} {row['best']:18.4f}  "
               f"{row['states']}")
-    print("(1 worker: trials in the stage's process, torch on every core; 2 workers: two processes, "
-          "OMP_NUM_THREADS split between them; the wall includes worker start-up and the study run's plots)")
+    print("(each in a new process; 1 worker: trials in the stage's process, torch on every core; 2 workers: the "
+          "stage's process and a worker process, the cores split between them (OMP_NUM_THREADS); the wall includes "
+          "the worker's start-up and the study run's plots)")
     print(f"\nlog_batch: {args.metrics} points per run, {BATCH} per call, {args.rounds} rounds")
     print(f"{'store':>12} {'median points/s':>16}  rounds")
     medians = {store: statistics.median(values) for store, values in rates.items()}

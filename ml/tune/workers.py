@@ -4,9 +4,11 @@ invocation has ``tune.n_trials`` new ones, each trial an MLflow run nested in th
     pool = WorkerPool("params.yaml", workers=2)
     outcome = run_study(study, context, study_run, optimize=pool.optimize)   # ml.tune.study
 
-Each worker is ``python -m ml.tune.workers`` in the same working directory and environment: it loads
-the study and the trial inputs itself and calls ``study.optimize``, so Optuna's storage is what the
-workers share. Trial numbers stay unique because Optuna's RDB storage numbers a new trial under a
+Worker 0 is the stage's own process, which has the study, the trial inputs and its imports (torch,
+MLflow, Optuna: about two seconds of a new process) at hand, so it starts trials at once; every other
+worker is ``python -m ml.tune.workers`` in the same working directory and environment: it loads the
+study and the trial inputs itself and calls ``study.optimize``, so Optuna's storage is what the
+workers share. Each works with its share of the cores as torch's threads (``OMP_NUM_THREADS``). Trial numbers stay unique because Optuna's RDB storage numbers a new trial under a
 row lock on its study; the median pruner compares a trial with the intermediate values of every
 worker's trials, since they are all in that storage.
 
@@ -35,6 +37,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -146,8 +150,13 @@ def run_worker(params_path: str, study_run_id: str, index: int, tags: dict[str, 
     study = open_study(params.tune)
     if index:
         study.sampler.reseed_rng()  # what Optuna does for its own parallel jobs: workers draw different trials
-    ctx = study_context(params, load_settings().tracking, study_run_id, tags)
-    budget = Budget(lock_path(params), study_run_id, params.tune.n_trials)
+    return work(study, study_context(params, load_settings().tracking, study_run_id, tags))
+
+
+def work(study: Any, ctx: StudyContext) -> list[int]:
+    """Trials of ``study`` in this process until the invocation's budget is spent; returns their numbers."""
+    params = ctx.params
+    budget = Budget(lock_path(params), ctx.study_run_id, params.tune.n_trials)
     ran: list[int] = []
 
     def objective(trial: Any) -> float:
@@ -181,6 +190,19 @@ def worker_environment(workers: int, environ: dict[str, str] | None = None) -> d
     return env
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block (worker 0, which is this process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class WorkerPool:
     """``workers`` processes running one invocation of a study (see the module docstring)."""
 
@@ -196,8 +218,11 @@ class WorkerPool:
         procs: list[subprocess.Popen] = []
         try:
             env = worker_environment(self.workers)
-            for index in range(self.workers):
+            for index in range(1, self.workers):
                 procs.append(subprocess.Popen([*command, "--index", str(index)], env=env))
+            with torch_threads(int(env["OMP_NUM_THREADS"])):
+                ran = work(study, ctx)  # worker 0: this process, its imports done, starts at once
+            print(f"tune worker 0 (pid {os.getpid()}, the stage's process): trials {', '.join(map(str, ran)) or 'none'}")
             for proc in procs:
                 proc.wait()
         except BaseException:  # interrupted or cancelled: stop the workers, leave no trial RUNNING

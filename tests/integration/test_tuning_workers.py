@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -28,8 +29,9 @@ from tests.integration.pg_s3 import postgres  # noqa: F401 (fixture)
 STUDY = "parallel"
 ABSURD_LR = 1e-6
 # Enqueued before the first invocation: three sensible trials, then one whose learning rate cannot
-# move the weights. With two workers, trial 3 is created only once two trials have ended, so the
-# median pruner (startup 2, no warm-up) compares its first epoch with trials of both workers.
+# move the weights. Worker 0 (the stage's process) holds its first trial until worker 1 has one, so
+# trials 0 and 1 run side by side; trial 3 is created only once two trials have ended, so the median
+# pruner (startup 2, no warm-up) compares its first epoch with trials of both workers.
 TRIALS = [{"lr": 0.03, "batch_size": 64}, {"lr": 0.01, "batch_size": 128}, {"lr": 0.02, "batch_size": 64},
           {"lr": ABSURD_LR, "batch_size": 64}]
 
@@ -159,6 +161,27 @@ def load(storage: str) -> optuna.Study:
     return optuna.load_study(study_name=STUDY, storage=storage)
 
 
+def worker_pid(trial: optuna.trial.FrozenTrial) -> int | None:
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    return int(worker.rsplit(":", 1)[1]) if worker else None
+
+
+def held_until(ready: Callable[[], bool], patch: pytest.MonkeyPatch) -> None:
+    """Worker 0 (this process) starts each trial only once ``ready()`` (or after 240 s), so that the
+    worker process, which starts seconds later, gets trials too."""
+    import ml.tune.workers
+
+    run_trial = ml.tune.workers.run_trial
+
+    def run_when_ready(trial, ctx):
+        deadline = time.monotonic() + 240
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return run_trial(trial, ctx)
+
+    patch.setattr(ml.tune.workers, "run_trial", run_when_ready)
+
+
 @pytest.fixture(scope="module")
 def two_workers(project):
     """The tune stage with two workers over the four enqueued trials."""
@@ -168,8 +191,13 @@ def two_workers(project):
     study = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize")
     for trial in TRIALS:
         study.enqueue_trial(trial)
+
+    def the_other_worker_has_a_trial() -> bool:
+        return any(worker_pid(t) not in (None, os.getpid()) for t in study.get_trials(deepcopy=False))
+
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
+        held_until(the_other_worker_has_a_trial, patch)
         return run("params.yaml", workers=2)
 
 
@@ -184,8 +212,8 @@ def test_two_workers_run_the_study_each_trial_a_run_nested_in_the_study_run(proj
     assert sorted(trials[3].intermediate_values) == [1]  # pruned after its first epoch
     study_run_id = summary["study_run_id"]
     assert {t.user_attrs[INVOCATION_ATTR] for t in trials} == {study_run_id}
-    workers = {t.user_attrs[WORKER_ATTR] for t in trials}
-    assert 1 <= len(workers) <= 2 and str(os.getpid()) not in {w.rsplit(":", 1)[1] for w in workers}
+    pids = {t.user_attrs[WORKER_ATTR].rsplit(":", 1)[1] for t in trials}
+    assert str(os.getpid()) in pids and len(pids) <= 2  # worker 0 is the stage's process: it took trial 0
     client = client_of(directory)
     study_run = client.get_run(study_run_id)
     assert study_run.data.tags["tune_workers"] == "2" and study_run.data.metrics["trials_complete"] == 3
@@ -202,7 +230,8 @@ def test_two_workers_run_the_study_each_trial_a_run_nested_in_the_study_run(proj
 
 @pytest.mark.slow
 def test_a_killed_worker_fails_its_trial_the_other_finishes_and_a_rerun_resumes(project, two_workers):
-    """SIGKILL one worker once its trial's run exists, before its first epoch ends; a rerun adds a trial."""
+    """SIGKILL the worker process (worker 1; worker 0 is the stage's process) once its trial's run
+    exists, before its first epoch ends; a rerun adds a trial."""
     from tasks.tune import run
 
     directory, storage = project
@@ -215,8 +244,9 @@ def test_a_killed_worker_fails_its_trial_the_other_finishes_and_a_rerun_resumes(
         study, deadline = load(storage), time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
             for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-                if trial.number > 3 and "mlflow_run_id" in trial.user_attrs and trial.intermediate_values == {}:
-                    pid = int(trial.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+                pid = worker_pid(trial)
+                if (trial.number > 3 and pid not in (None, os.getpid()) and "mlflow_run_id" in trial.user_attrs
+                        and trial.intermediate_values == {}):
                     os.kill(pid, signal.SIGKILL)
                     killed.append((trial.number, pid))
                     return
@@ -226,6 +256,7 @@ def test_a_killed_worker_fails_its_trial_the_other_finishes_and_a_rerun_resumes(
     killer.start()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
+        held_until(lambda: bool(killed) or not killer.is_alive(), patch)
         summary = run("params.yaml", workers=2)
     killer.join(timeout=10)
     assert killed, "no worker was caught mid-trial"
