@@ -292,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, default=0, help="this worker's index among the invocation's workers")
     parser.add_argument("--tags", default="{}", help="JSON object of tags every trial run carries")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"[worker {args.index}] %(levelname)s %(name)s: %(message)s")
+    # warnings and errors only: the stage's lines of note are printed as well as logged at INFO, and
+    # printed once they reach the flow's console as worker 0's do
+    logging.basicConfig(level=logging.WARNING, format=f"[worker {args.index}] %(levelname)s %(name)s: %(message)s")
     ran = run_worker(args.params, args.study_run, args.index, json.loads(args.tags))
     print(f"tune worker {args.index} (pid {os.getpid()}): trials {', '.join(map(str, ran)) or 'none'}")
 

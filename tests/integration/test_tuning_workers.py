@@ -29,9 +29,10 @@ from tests.integration.pg_s3 import postgres  # noqa: F401 (fixture)
 STUDY = "parallel"
 ABSURD_LR = 1e-6
 # Enqueued before the first invocation: three sensible trials, then one whose learning rate cannot
-# move the weights. Worker 0 (the stage's process) holds its first trial until worker 1 has one, so
-# trials 0 and 1 run side by side; trial 3 is created only once two trials have ended, so the median
-# pruner (startup 2, no warm-up) compares its first epoch with trials of both workers.
+# move the weights. Worker 0 (the stage's process) starts its trial 0 only once the worker process,
+# which starts seconds later, has trained an epoch of trial 1, so neither of the two is judged before
+# two trials have ended; trial 3 is created only once two trials have ended, so the median pruner
+# (startup 2, no warm-up) compares its first epoch with trials of both workers.
 TRIALS = [{"lr": 0.03, "batch_size": 64}, {"lr": 0.01, "batch_size": 128}, {"lr": 0.02, "batch_size": 64},
           {"lr": ABSURD_LR, "batch_size": 64}]
 
@@ -192,12 +193,13 @@ def two_workers(project):
     for trial in TRIALS:
         study.enqueue_trial(trial)
 
-    def the_other_worker_has_a_trial() -> bool:
-        return any(worker_pid(t) not in (None, os.getpid()) for t in study.get_trials(deepcopy=False))
+    def the_other_worker_has_trained_an_epoch() -> bool:
+        return any(worker_pid(t) not in (None, os.getpid()) and t.intermediate_values
+                   for t in study.get_trials(deepcopy=False))
 
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
-        held_until(the_other_worker_has_a_trial, patch)
+        held_until(the_other_worker_has_trained_an_epoch, patch)
         return run("params.yaml", workers=2)
 
 
