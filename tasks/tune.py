@@ -42,8 +42,8 @@ def run(params_path: str = "params.yaml", parent_run_id: str | None = None, work
         study_run.set_tags({"tune_workers": workers})
         context = study_context(params, tracking, study_run.run_id, shared, dataset=dataset, git=git)
         study_run.log_dataset(context.train_frame, dataset, "training")
-        outcome = run_study(study, context, study_run,
-                            optimize=WorkerPool(params_path, workers).optimize if workers > 1 else None)
+        pool = WorkerPool(params_path, workers, to_log=getattr(study_run.console, "to_log", None))
+        outcome = run_study(study, context, study_run, optimize=pool.optimize if workers > 1 else None)
         trained = adopt_best_trial(outcome, params.train, tune, study_run.client)
     return {**outcome.to_dict(), "study_run_id": study_run.run_id, "run_id": trained["run_id"],
             "model_uri": trained["model_uri"], "final": trained["final"]}

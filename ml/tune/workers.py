@@ -37,7 +37,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -203,11 +205,39 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class WorkerPool:
-    """``workers`` processes running one invocation of a study (see the module docstring)."""
+class WorkerOutput:
+    """What a worker process writes (stdout and stderr, one pipe), read by a thread: each line goes to
+    ``to_log`` (the stage's console log, not the terminal), or to this process's stdout without one;
+    the last ``keep`` lines stay for the error of a worker that fails."""
 
-    def __init__(self, params_path: str, workers: int) -> None:
-        self.params_path, self.workers = params_path, workers
+    def __init__(self, proc: subprocess.Popen, to_log: Callable[[str], None] | None, keep: int = 40) -> None:
+        self.proc, self.to_log = proc, to_log
+        self.tail: deque[str] = deque(maxlen=keep)
+        self._thread = threading.Thread(target=self._read, name=f"tune-worker-{proc.pid}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.tail.append(line)
+            if self.to_log is None:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                self.to_log(line)
+
+    def join(self, timeout: float = 10.0) -> None:
+        self._thread.join(timeout)
+
+
+class WorkerPool:
+    """``workers`` processes running one invocation of a study (see the module docstring). With
+    ``to_log`` (the stage's :meth:`ml.tracking.console.ConsoleCapture.to_log`) the worker processes'
+    output goes to the stage's console log, so the terminal shows worker 0's lines as a one-worker
+    run does, a line per worker at the end, and the output of a worker that failed."""
+
+    def __init__(self, params_path: str, workers: int, to_log: Callable[[str], None] | None = None) -> None:
+        self.params_path, self.workers, self.to_log = params_path, workers, to_log
 
     def optimize(self, study: Any, ctx: StudyContext) -> None:
         """Starts the workers, waits for all of them, fails the trials of any that died. Raises a
@@ -216,10 +246,13 @@ class WorkerPool:
         command = [sys.executable, "-m", "ml.tune.workers", "--params", self.params_path,
                    "--study-run", ctx.study_run_id, "--tags", json.dumps(dict(ctx.tags), default=str)]
         procs: list[subprocess.Popen] = []
+        outputs: list[WorkerOutput] = []
         try:
             env = worker_environment(self.workers)
             for index in range(1, self.workers):
-                procs.append(subprocess.Popen([*command, "--index", str(index)], env=env))
+                procs.append(subprocess.Popen([*command, "--index", str(index)], env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True, errors="replace"))
+                outputs.append(WorkerOutput(procs[-1], self.to_log))
             with torch_threads(int(env["OMP_NUM_THREADS"])):
                 ran = work(study, ctx)  # worker 0: this process, its imports done, starts at once
             print(f"tune worker 0 (pid {os.getpid()}, the stage's process): trials {', '.join(map(str, ran)) or 'none'}")
@@ -230,10 +263,21 @@ class WorkerPool:
                 _stop(proc)
             _settle(study, ctx, procs)
             raise
+        finally:
+            for output in outputs:
+                output.join()
         _settle(study, ctx, procs)
-        failed = [(i, p) for i, p in enumerate(procs, 1) if p.returncode > 0]
+        for index, proc in enumerate(procs, 1):
+            numbers = [t.number for t in study.get_trials(deepcopy=False)
+                       if t.user_attrs.get(INVOCATION_ATTR) == ctx.study_run_id
+                       and t.user_attrs.get(WORKER_ATTR) == f"{socket.gethostname()}:{proc.pid}"]
+            print(f"tune worker {index} (pid {proc.pid}): trials {', '.join(map(str, numbers)) or 'none'}"
+                  + ("" if proc.returncode == 0 else f", {describe_exit(proc.returncode)}"))
+        failed = [(i, p, o) for i, (p, o) in enumerate(zip(procs, outputs), 1) if p.returncode > 0]
         if failed:
-            i, proc = failed[0]
+            i, proc, output = failed[0]
+            if self.to_log is not None:  # its last lines, traceback and all, were in the log only
+                sys.stderr.write(f"--- the last lines of tune worker {i} (pid {proc.pid}) ---\n{''.join(output.tail)}")
             raise PipelineError(f"tune: worker {i} of {self.workers} (pid {proc.pid}) ended with "
                                 f"{describe_exit(proc.returncode)}; its error is in the output above")
 

@@ -22,7 +22,8 @@ import yaml
 from mlflow import MlflowClient
 
 from ml.errors import ConfigError
-from ml.tune.workers import INVOCATION_ATTR, WORKER_ATTR, check_workers, is_in_memory, worker_environment
+from ml.tune.workers import (INVOCATION_ATTR, WORKER_ATTR, WorkerOutput, check_workers, is_in_memory,
+                              worker_environment)
 from tests.conftest import REPO, run_module, small_params, write_params
 from tests.integration.pg_s3 import postgres  # noqa: F401 (fixture)
 
@@ -62,6 +63,16 @@ def test_workers_split_the_cores_unless_the_user_set_the_threads():
     assert worker_environment(2, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": str(max(1, cores // 2))}
     assert worker_environment(4 * cores, {})["OMP_NUM_THREADS"] == "1"
     assert worker_environment(2, {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_worker_processs_output_goes_to_the_stage_log_and_its_last_lines_are_kept():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('one', flush=True); print('two', file=sys.stderr); "
+                             "sys.exit(3)"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logged: list[str] = []
+    output = WorkerOutput(proc, logged.append, keep=1)
+    assert proc.wait(30) == 3
+    output.join()
+    assert logged == ["one\n", "two\n"] and list(output.tail) == ["two\n"]
 
 
 @pytest.mark.slow
