@@ -8,9 +8,10 @@ Worker 0 is the stage's own process, which has the study, the trial inputs and i
 MLflow, Optuna: about two seconds of a new process) at hand, so it starts trials at once; every other
 worker is ``python -m ml.tune.workers`` in the same working directory and environment: it loads the
 study and the trial inputs itself and calls ``study.optimize``, so Optuna's storage is what the
-workers share. Each works with its share of the cores as torch's threads (``OMP_NUM_THREADS``). Trial numbers stay unique because Optuna's RDB storage numbers a new trial under a
-row lock on its study; the median pruner compares a trial with the intermediate values of every
-worker's trials, since they are all in that storage.
+workers share. Each works with its share of the cores as torch's threads (``OMP_NUM_THREADS``).
+Trial numbers stay unique because Optuna's RDB storage numbers a new trial under a row lock on its
+study; the median pruner compares a trial with the intermediate values of every worker's trials,
+since they are all in that storage.
 
 The budget is counted here rather than with ``optuna.study.MaxTrialsCallback``: that callback counts
 every trial of the study, so invocations on two machines sharing a study would end each other's,
