@@ -202,6 +202,9 @@ def cmd_up(args: argparse.Namespace) -> None:
     services.check_database(uri)
     if str(artifacts).startswith("s3://"):
         services.check_bucket(artifacts, server.s3_endpoint_url)
+    services.check_port_free(host, port, f"--mlflow-port {port}")
+    if auth and approval_account():
+        services.check_port_free(host, port + 1, f"the approval service (--mlflow-port {port} + 1)")
     env = {"MLFLOW_S3_ENDPOINT_URL": server.s3_endpoint_url} if server.s3_endpoint_url else {}
     extra = ["--app-name", "basic-auth"] if auth else []
     allowed_hosts = args.allowed_hosts or ",".join(server.allowed_hosts)
@@ -251,11 +254,16 @@ def cmd_up(args: argparse.Namespace) -> None:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+def approval_account() -> bool:
+    """Whether MLFLOW_TRACKING_USERNAME/PASSWORD name the account an approval service writes as."""
+    return bool(os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+
+
 def start_approval_service(services: Any, host: str, port: int, logs: Path) -> list[Any]:
     """Beside a basic-auth MLflow server, the approval service on the next port (registry/service.py):
     it signs for users the server authenticates as holding MANAGE, and writes as the account in
     MLFLOW_TRACKING_USERNAME/PASSWORD, which must be allowed to write the models' tags (an admin)."""
-    if not (os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
+    if not approval_account():
         print("Approvals:   no approval service (set MLFLOW_TRACKING_USERNAME/PASSWORD to an admin account to "
               "start one); each approver signs with a key of their own")
         return []

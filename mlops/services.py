@@ -41,6 +41,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int, what: str) -> None:
+    """One line unless ``port`` on ``host`` can be bound as a server binds it (``SO_REUSEADDR``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ServiceError(f"{what}: port {port} on {host or '*'} is in use ({exc.strerror}); "
+                               "expected a free port") from None
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
     """Polls ``url`` until it answers 200; fails early if ``proc`` exits."""
     deadline = time.monotonic() + timeout

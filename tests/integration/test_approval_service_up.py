@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -29,8 +30,21 @@ def read_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
     raise AssertionError(f"no {text!r} within {timeout:.0f} s: {''.join(seen)}")
 
 
+def free_port_pair() -> int:
+    """A free port whose next one (the approval service's) is free too."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row")
+
+
 def test_mlops_up_with_auth_starts_the_approval_service(tmp_path):
-    port = free_port()
+    port = free_port_pair()
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "MLOPS_CONFIG_DIR": str(tmp_path / "cfg"),
            "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1", "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
            "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "admin-password-1"}

@@ -325,6 +325,27 @@ def test_up_on_every_interface_refuses_without_auth(tmp_path):
     assert_refused(done, tmp_path, port, "MLFLOW_FLASK_SERVER_SECRET_KEY")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("busy, fragment", [(0, "--mlflow-port {port}: port {port} on 127.0.0.1 is in use"),
+                                            (1, "the approval service (--mlflow-port {port} + 1): port {busy} ")])
+def test_up_refuses_a_port_in_use_before_any_server_starts(tmp_path, busy, fragment):
+    port = services.free_port()
+    env = {"MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1", "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
+           "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "admin-password-1"}
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", port + busy))
+        except OSError:
+            pytest.skip(f"port {port + busy} was taken meanwhile")
+        held.listen()
+        done = mlops("--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "up", "--no-prefect", "--auth",
+                     "--mlflow-port", str(port), cwd=tmp_path, env=env)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert fragment.format(port=port, busy=port + busy) in lines[0] and "expected a free port" in lines[0], lines[0]
+    assert "MLflow UI" not in done.stdout and not (tmp_path / ".mlops-logs").exists()
+
+
 def test_nothing_is_connected_at_import():
     done = subprocess.run([PYTHON, "-c", "import mlops.services, sys; "
                            "print(sorted(m for m in ('sqlalchemy', 'boto3', 'psycopg', 'mlflow') if m in sys.modules))"],
