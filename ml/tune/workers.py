@@ -268,10 +268,12 @@ class WorkerPool:
             for output in outputs:
                 output.join()
         _settle(study, ctx, procs)
+        by_worker: dict[str, list[int]] = {}
+        for t in study.get_trials(deepcopy=False):  # one read of the storage for every worker's line
+            if t.user_attrs.get(INVOCATION_ATTR) == ctx.study_run_id:
+                by_worker.setdefault(str(t.user_attrs.get(WORKER_ATTR)), []).append(t.number)
         for index, proc in enumerate(procs, 1):
-            numbers = [t.number for t in study.get_trials(deepcopy=False)
-                       if t.user_attrs.get(INVOCATION_ATTR) == ctx.study_run_id
-                       and t.user_attrs.get(WORKER_ATTR) == f"{socket.gethostname()}:{proc.pid}"]
+            numbers = by_worker.get(f"{socket.gethostname()}:{proc.pid}", [])
             print(f"tune worker {index} (pid {proc.pid}): trials {', '.join(map(str, numbers)) or 'none'}"
                   + ("" if proc.returncode == 0 else f", {describe_exit(proc.returncode)}"))
         failed = [(i, p, o) for i, (p, o) in enumerate(zip(procs, outputs), 1) if p.returncode > 0]
