@@ -1,11 +1,14 @@
 """Checkpoint stall and durable throughput: ours against torch.save + fsync, DCP async_save and dd.
 
-Usage: ``python -m benchmarks.checkpoint [--size-mb 1024] [--dir DIR] [--every 8] [--checkpoints 3]
+Usage: ``python -m benchmarks.checkpoint [--size-mb 1024] [--dir DIR] [--every auto|N] [--checkpoints 3]
 [--rounds 3] [--device auto|cpu|cuda]``.
 
 A training loop keeps the CPU (or the GPU) busy: an MLP whose parameters plus AdamW's two moments
 take about ``--size-mb``, trained on a fixed batch. The same loop runs without checkpoints and with
-each of three ways to checkpoint every ``--every`` steps: ``torch.save`` of the model and optimizer
+each of three ways to checkpoint every ``--every`` steps (``auto``: at least 8, and enough steps that
+one of our saves, timed once with the loop idle, is durable twice over before the next is due: a
+loop that asks for checkpoints faster than the disk takes them measures the disk's back-pressure,
+not the checkpoint's stall, which on a GPU, where a step takes milliseconds, 8 steps would do): ``torch.save`` of the model and optimizer
 state dicts followed by fsync; ``torch.distributed.checkpoint.async_save`` (the previous save is
 awaited before the next, as its documentation asks); and :class:`ml.checkpoint.manager.CheckpointManager`
 through the same call :class:`ml.train.checkpoints.CheckpointHook` makes, with its defaults (CRC-32C
@@ -26,6 +29,7 @@ checksum and write run in parallel threads, so their busy times overlap in the w
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -218,12 +222,43 @@ def durable_saves(ours: Ours, repeats: int, device: torch.device) -> list:
     return out
 
 
+def every_arg(text: str) -> int | None:
+    """``--every``: a positive number of steps, or ``auto`` (None)."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive number of steps, got {text!r}")
+    return int(text)
+
+
+def auto_every(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, base: Path,
+               device: torch.device) -> tuple[int, float, float]:
+    """Steps between checkpoints for which the interval is twice our durable time with the loop idle
+    (at least 8), with the median step time and that durable time it was sized from."""
+    steps = []
+    for _ in range(10):
+        synchronize(device)
+        started = time.perf_counter()
+        train_step(model, optimizer, batch)
+        synchronize(device)
+        steps.append(time.perf_counter() - started)
+    directory = base / "sizing"
+    directory.mkdir()
+    ours = Ours(model, optimizer, directory)
+    durable = durable_saves(ours, 2, device)[-1].durable_s  # the first one also allocates the host buffers
+    ours.close()
+    shutil.rmtree(directory, ignore_errors=True)
+    step = statistics.median(steps)
+    return max(8, math.ceil(2 * durable / step)), step, durable
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=1024, help="model + AdamW state, in MiB")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory "
                         "under the current one, so on the disk the project lives on)")
-    parser.add_argument("--every", type=int, default=8, help="steps between checkpoints")
+    parser.add_argument("--every", type=every_arg, default="auto", help="steps between checkpoints; auto: at least 8, "
+                        "and a checkpoint interval of twice the time one save takes to be durable")
     parser.add_argument("--checkpoints", type=int, default=3, help="checkpoints per timed loop")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all methods")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -246,6 +281,10 @@ def report(args: argparse.Namespace, device: torch.device, base: Path) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"state: {state_gb:.2f} GB (model {4 * nparams / 1e9:.2f} GB + AdamW moments {8 * nparams / 1e9:.2f} GB) "
           f"on {where}; {os.cpu_count()} cores; torch {torch.__version__}; disk: {base}")
+    if args.every is None:
+        args.every, step, durable = auto_every(model, optimizer, batch, base, device)
+        print(f"a checkpoint every {args.every} steps: a step takes {step:.4f} s and one save {durable:.3f} s to be "
+              "durable (loop idle); the interval is twice that, at least 8 steps")
 
     makers: dict[str, Callable[[Path], object]] = {
         "none": lambda d: NoCheckpoint(),

@@ -46,7 +46,6 @@ def test_the_stage_trains_on_cuda_in_each_precision(processed, tmp_path, precisi
     result = train(cuda_config(tmp_path, precision=precision), processed, Recorder())
     learned(result)
     assert result.speed.precision == precision
-    assert next(result.model.parameters()).device.type == "cuda"
     weights = saved(tmp_path)
     assert weights and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in weights.values())
 
