@@ -174,6 +174,7 @@ class Snapshot:
         self._events = events
         self._side_events = side_events
         self._host_deferred = bool(deferred)
+        self._ordered: set[Any] = set()  # the streams guard() has ordered after the side-stream copies
         self.copy_s = copy_s
         self.copied = threading.Event()
         if not deferred and not events and not side_events:
@@ -200,9 +201,15 @@ class Snapshot:
 
     def guard(self) -> None:
         """Returns once the live tensors may be modified: the host copies are done, and the
-        current CUDA stream is ordered after the device-to-host copies (without a host wait)."""
+        current CUDA stream is ordered after the device-to-host copies (without a host wait).
+
+        It runs before every ``optimizer.step()`` while the save is in flight: a stream once
+        ordered stays ordered, so each stream waits on the event once, not once a step."""
         for device, event in self._side_events:
-            torch.cuda.current_stream(device).wait_event(event)
+            stream = torch.cuda.current_stream(device)
+            if stream not in self._ordered:
+                stream.wait_event(event)
+                self._ordered.add(stream)
         if self._host_deferred:
             self.copied.wait()
 
@@ -305,7 +312,7 @@ def snapshot_state(state: Mapping[str, Any], buffers: dict[str, HostBuffer], *,
     images: dict[str, FileImage] = {}
     later: list[_Slot] = []
     cuda_main: set[torch.device] = set()
-    side_events: list[Any] = []
+    cuda_side: set[torch.device] = set()
     for fname, items in entries.items():
         head, offsets, direct, size = _layout([(key, original) for key, original, _ in items])
         pinned = any(b.is_cuda for _, _, b in items)
@@ -327,9 +334,7 @@ def snapshot_state(state: Mapping[str, Any], buffers: dict[str, HostBuffer], *,
                     with torch.cuda.stream(stream):
                         dst.copy_(src, non_blocking=True)
                     src.record_stream(stream)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                    side_events.append((src.device, event))
+                    cuda_side.add(src.device)
                 else:
                     dst.copy_(src, non_blocking=True)
                     cuda_main.add(src.device)
@@ -342,6 +347,12 @@ def snapshot_state(state: Mapping[str, Any], buffers: dict[str, HostBuffer], *,
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(device))
         events.append(event)
+    # one event per device after its last side-stream copy: the stream runs its copies in order
+    side_events = []
+    for device in cuda_side:
+        event = torch.cuda.Event()
+        event.record(_side_stream(device))
+        side_events.append((device, event))
     return Snapshot(tree_json, images, later, events, side_events, time.perf_counter() - started)
 
 
