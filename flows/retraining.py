@@ -121,9 +121,10 @@ def finish(pipeline: Any, summary: dict[str, Any], status: str) -> None:
 @flow(name="training-pipeline", log_prints=True)
 @in_workspace
 def retraining_pipeline(params_path: str = "params.yaml", source: str | None = None,
-                        version_data: bool = True) -> Any:
+                        version_data: bool = True, retune: bool = False) -> Any:
     """Refresh, decide, then skip or retrain (see the module docstring). Returns the summary; a
-    skip is a ``Completed`` state named ``Skipped``, a refused registration one named ``NotRegistered``."""
+    skip is a ``Completed`` state named ``Skipped``, a refused registration one named ``NotRegistered``.
+    ``retune``: the train stage measures ``train.optimize: auto``'s setups again."""
     from ml.config import load_params
     from ml.settings import load_settings
     from ml.tracking.mlflow_tracker import configure_mlflow
@@ -167,7 +168,7 @@ def retraining_pipeline(params_path: str = "params.yaml", source: str | None = N
             drift = summary["dataset_diff"].get("drift")
             if drift and drift["level"] != "ok":
                 emit(DRIFT_EVENT, md5, uri, drift)
-        trained = train_task(run_params, parent_run_id=pipeline.run_id)
+        trained = train_task(run_params, parent_run_id=pipeline.run_id, retune=retune)
         pipeline.set_tags({"train_run_id": trained["run_id"]})
         evaluate_task(run_params, parent_run_id=pipeline.run_id)
         client = configure_mlflow(load_settings().tracking)
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", default=None,
                         help="sklearn:<name>, a .csv/.parquet path or s3://bucket/key (default: params' data.source)")
     parser.add_argument("--no-version-data", action="store_true", help="do not commit outputs to DVC")
+    parser.add_argument("--retune", action="store_true",
+                        help="train.optimize auto: measure the candidate setups again instead of reusing the cached choice")
     args = parser.parse_args(argv)
     from ml.config import load_params
 
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     own = args.source is None or args.source == params.data.source
     check_data_remote(own and versions_data(args.params, not args.no_version_data))
     quiet_flow_console()
-    state = retraining_pipeline(args.params, args.source, version_data=not args.no_version_data, return_state=True)
+    state = retraining_pipeline(args.params, args.source, version_data=not args.no_version_data, retune=args.retune,
+                                return_state=True)
     summary = state.result()
     print(f"{state.name}: {summary['reason']}")
     registered = summary.get("registered")

@@ -186,9 +186,11 @@ def quiet_known_errors() -> None:
 
 @flow(name="training-pipeline", log_prints=True)
 @in_workspace
-def training_pipeline(params_path: str = "params.yaml", version_data: bool = True) -> dict[str, Any]:
+def training_pipeline(params_path: str = "params.yaml", version_data: bool = True,
+                      retune: bool = False) -> dict[str, Any]:
     """prepare -> validate -> train -> evaluate -> register, each a nested MLflow run under one
-    pipeline run; returns the registered version.
+    pipeline run; returns the registered version. ``retune``: under ``train.optimize: auto``, the
+    train stage measures the candidate setups again instead of reusing its cached choice.
 
     ``version_data`` commits the outputs to DVC when ``params_path`` is the repository's params.yaml
     (dvc.yaml reads that file, so a different one would record params it did not use).
@@ -202,7 +204,7 @@ def training_pipeline(params_path: str = "params.yaml", version_data: bool = Tru
     try:
         prepare_task(params_path, parent_run_id=parent)
         validate_task(params_path, parent_run_id=parent)
-        trained = train_task(params_path, parent_run_id=parent)
+        trained = train_task(params_path, parent_run_id=parent, retune=retune)
         pipeline.set_tags({"train_run_id": trained["run_id"], "dataset_md5": trained["dataset"]["md5"],
                            "dataset_source": trained["dataset"]["source"]})
         evaluate_task(params_path, parent_run_id=parent)
@@ -240,11 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.training", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-version-data", action="store_true", help="do not commit outputs to DVC")
+    parser.add_argument("--retune", action="store_true",
+                        help="train.optimize auto: measure the candidate setups again instead of reusing the cached choice")
     args = parser.parse_args(argv)
     # the flow checks the remote too (deployments start there); here it is refused before Prefect starts
     check_data_remote(versions_data(args.params, not args.no_version_data))
     quiet_flow_console()
-    registered = training_pipeline(args.params, version_data=not args.no_version_data)
+    registered = training_pipeline(args.params, version_data=not args.no_version_data, retune=args.retune)
     print(next_steps(registered))
 
 

@@ -37,6 +37,13 @@ def test_flow_runs_every_stage_and_returns_the_registered_version(prefect_harnes
                 "reports/registered.json"):
         assert (project / out).is_file(), out
 
+    # train.optimize auto chose on the first run and cached its choice; retune measures again
+    assert run.data.tags["autotune.cached"] == "false"
+    again = training_pipeline(params_path="params.yaml", version_data=False, retune=True, return_state=True)
+    assert again.is_completed(), again
+    retuned = client.get_run(client.get_model_version("digits-classifier", again.result()["version"]).run_id)
+    assert retuned.data.tags["autotune.cached"] == "false"
+
 
 def test_flow_fails_at_the_gate_and_registers_nothing(prefect_harness, project):
     import yaml
