@@ -22,7 +22,9 @@ In it:
   and spool, a directory DVC remote, the file ``MLOPS_SETTINGS`` names) are made absolute in the
   environment (``MLOPS_<SECTION>__<KEY>``), so runs, models and pushed data land in the checkout's
   MLflow store and remote. ``checkpoint.dir`` stays relative: two runs of the same configuration
-  must not share a rolling training tier, so checkpoints live in the workspace (or on S3).
+  must not share a rolling training tier, so checkpoints live in the workspace (or on S3). The
+  cached choices of ``train.optimize: auto`` (``checkpoint.autotune_cache_dir``) live in the
+  workspaces' root unless set, so a deployment run does not measure again what an earlier one did.
 
 A flow run that succeeds removes its workspace (``git worktree remove --force``); one that fails
 keeps it for inspection and logs its path (remove it with ``git worktree remove --force PATH``; a
@@ -108,9 +110,12 @@ def absolute_tracking_uri(uri: str, checkout: Path) -> str:
     return uri
 
 
-def settings_environment(settings: Any, checkout: Path, environ: dict[str, str]) -> dict[str, str]:
+def settings_environment(settings: Any, checkout: Path, environ: dict[str, str],
+                         workspaces: Path | None = None) -> dict[str, str]:
     """The ``MLOPS_*`` variables that make ``settings`` (read in ``checkout``) mean the same in a
-    workspace: each setting that is a path relative to the checkout, made absolute."""
+    workspace: each setting that is a path relative to the checkout, made absolute; and, unless it
+    is set, ``checkpoint.autotune_cache_dir`` is the ``workspaces`` root, so the choices of
+    ``train.optimize: auto`` outlive the workspace that measured them."""
     env = {
         "MLOPS_TRACKING__URI": absolute_tracking_uri(settings.tracking.uri, checkout),
         "MLOPS_TRACKING__SPOOL_DIR": _absolute(settings.tracking.spool_dir, checkout),
@@ -123,6 +128,11 @@ def settings_environment(settings: Any, checkout: Path, environ: dict[str, str])
         env["MLOPS_DATA_REMOTE__URL"] = _absolute(url, checkout)
     if environ.get("MLOPS_SETTINGS"):
         env["MLOPS_SETTINGS"] = _absolute(environ["MLOPS_SETTINGS"], checkout)
+    cache = settings.checkpoint.autotune_cache_dir
+    if cache is not None:
+        env["MLOPS_CHECKPOINT__AUTOTUNE_CACHE_DIR"] = _absolute(cache, checkout)
+    elif workspaces is not None:
+        env["MLOPS_CHECKPOINT__AUTOTUNE_CACHE_DIR"] = str(workspaces)
     return env
 
 
@@ -305,10 +315,10 @@ def flow_workspace() -> Iterator[Workspace | None]:
         yield None
         return
     checkout = Path.cwd().resolve()
-    env = settings_environment(settings, checkout, dict(os.environ))
+    root = workspace_root(settings.workspace.root, checkout)
+    env = settings_environment(settings, checkout, dict(os.environ), root)
     prepare_tracking_store(settings.tracking.model_copy(update={
         "uri": env["MLOPS_TRACKING__URI"], "artifact_root": env["MLOPS_TRACKING__ARTIFACT_ROOT"]}))
-    root = workspace_root(settings.workspace.root, checkout)
     workspace = create_workspace(checkout, root, run_id or uuid.uuid4().hex)
     env.update({WORKSPACE_ENV: str(workspace.path), CHECKOUT_ENV: str(checkout)})
     saved = {key: os.environ.get(key) for key in env}

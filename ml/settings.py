@@ -63,6 +63,7 @@ class CheckpointConfig(Section):
     checksum: Literal["crc32c", "sha256", "crc32"] = Field(default="crc32c", description="per-file digest of the training tier in the manifest: crc32c (hardware CRC-32C), sha256 or crc32 (milestones and releases always sha256)")
     writer_priority: Literal["normal", "idle"] = Field(default="normal", description="scheduling priority of the training tier's checksum and write threads: idle takes only CPU time training leaves (less stall, later durable commit)")
     resume: bool = Field(default=True, description="resume from the newest valid training checkpoint of the same configuration")
+    autotune_cache_dir: str | None = Field(default=None, description="directory of train.optimize auto's cached choices (autotune.json), or null: checkpoint.dir, and for a flow run in a workspace the workspaces' root, so deployment runs share one cache")
     s3_bucket: str | None = Field(default=None, description="S3 bucket mirrored after each local commit, or null")
     s3_prefix: str = Field(default="mlops-pipeline/checkpoints", description="key prefix inside the bucket")
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint URL, or null for AWS")
@@ -152,6 +153,12 @@ def settings_path(path: str | Path | None = None) -> tuple[Path, bool]:
 
 def _env_name(loc: tuple[Any, ...]) -> str:
     return ENV_PREFIX + "__".join(str(p) for p in loc[:2]).upper()
+
+
+def autotune_cache_dir(checkpoint: CheckpointConfig) -> str:
+    """Where ``train.optimize: auto`` caches its choices: ``checkpoint.autotune_cache_dir``, else
+    ``checkpoint.dir``."""
+    return checkpoint.autotune_cache_dir or checkpoint.dir
 
 
 def load_settings(path: str | Path | None = None) -> Settings:

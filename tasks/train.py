@@ -25,7 +25,7 @@ from ml.errors import ConfigError, cli_errors
 from ml.data.prepare import Schema
 from ml.io import atomic_write_json
 from ml.provenance import dataset_version, git_diff, git_info
-from ml.settings import load_settings
+from ml.settings import autotune_cache_dir, load_settings
 from ml.observe.observers import Observers
 from ml.train.autotune import Decision
 from ml.train.distributed import (check_nproc, launch, launched_rank, process_group, rank0_json, rank_slots,
@@ -51,7 +51,8 @@ def run(params_path: str = "params.yaml", fresh: bool = False, parent_run_id: st
         return _launch_ranks(params_path, params, parent_run_id, fresh=fresh, retune=retune)
     dataset = dataset_version(processed, schema.source)
     git = git_info()
-    speed, decision = (tune_speed(cfg, processed, cache_dir=settings.checkpoint.dir, retune=retune)
+    speed, decision = (tune_speed(cfg, processed, cache_dir=autotune_cache_dir(settings.checkpoint),
+                                  retune=retune)
                        if rank is None or rank.rank == 0 else (None, None))
     if rank is not None:  # measurements differ between processes: every rank takes rank 0's choice
         speed, decision = _rank0_speed(speed, decision)

@@ -218,7 +218,7 @@ def train(cfg: TrainConfig, processed_dir: str | Path, tracker: Tracker | None =
     if cfg.optimize == "auto":
         decision = autotuned or autotune_speed(cfg, model, x_train, y_train, device, policy=autotune_policy,
                                                split=train_split if loader.name == "dataloader" else None,
-                                               cache_dir=checkpoints.cfg.dir if checkpoints is not None else None)
+                                               cache_dir=autotune_cache_dir(checkpoints.cfg) if checkpoints is not None else None)
         record_decision(tracker, decision)
         if decision.chosen.workers is not None:
             workers = decision.chosen.workers

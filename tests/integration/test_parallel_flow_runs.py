@@ -83,6 +83,8 @@ def test_two_deployment_runs_at_once_each_in_its_own_workspace(tmp_path):
 
     # both workspaces removed; the checkout never written: its files as they were, no outputs in it
     assert not any(Path(w).exists() for w in workspaces)
+    # train.optimize auto's choice outlives the workspaces, for the next deployment run to reuse
+    assert (root / "autotune.json").is_file()
     worktrees = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=project, capture_output=True,
                                text=True, check=True).stdout
     assert worktrees.count("worktree ") == 1

@@ -46,9 +46,10 @@ def test_tracking_uri_relative_to_the_checkout(uri, expected):
     assert absolute_tracking_uri(uri, CHECKOUT) == expected
 
 
-def _settings(uri="sqlite:///mlflow.db", artifact_root="mlartifacts", remote=None):
+def _settings(uri="sqlite:///mlflow.db", artifact_root="mlartifacts", remote=None, autotune_cache=None):
     return SimpleNamespace(tracking=SimpleNamespace(uri=uri, artifact_root=artifact_root, spool_dir=".mlflow-spool"),
-                           data_remote=SimpleNamespace(url=remote))
+                           data_remote=SimpleNamespace(url=remote),
+                           checkpoint=SimpleNamespace(autotune_cache_dir=autotune_cache))
 
 
 def test_settings_environment_makes_checkout_paths_absolute():
@@ -62,6 +63,17 @@ def test_settings_environment_makes_checkout_paths_absolute():
     assert remote["MLOPS_TRACKING__URI"] == "http://h:5000"
     assert remote["MLOPS_TRACKING__ARTIFACT_ROOT"] == "s3://b/artifacts"
     assert "MLOPS_DATA_REMOTE__URL" not in remote and "MLOPS_SETTINGS" not in remote
+
+
+def test_autotune_choices_outlive_the_workspace():
+    """The workspaces' root holds train.optimize auto's cache unless the setting names a directory
+    (relative: to the checkout)."""
+    root = Path("/home/u/.cache/mlops-pipeline/workspaces")
+    env = settings_environment(_settings(), CHECKOUT, {}, root)
+    assert env["MLOPS_CHECKPOINT__AUTOTUNE_CACHE_DIR"] == str(root)
+    env = settings_environment(_settings(autotune_cache="cache/autotune"), CHECKOUT, {}, root)
+    assert env["MLOPS_CHECKPOINT__AUTOTUNE_CACHE_DIR"] == "/home/u/project/cache/autotune"
+    assert "MLOPS_CHECKPOINT__AUTOTUNE_CACHE_DIR" not in settings_environment(_settings(), CHECKOUT, {})
 
 
 def test_root(monkeypatch, tmp_path):
