@@ -18,8 +18,8 @@ In it:
   DVC's site cache (``core.site_cache_dir``) is inside the workspace, removed with it.
 - data a user added with ``dvc add`` (``*.dvc`` files in git) is checked out from that cache, or
   pulled from the DVC remote when the cache lacks it.
-- settings whose values are paths relative to the checkout (a SQLite tracking URI, the artifact root
-  and spool, a directory DVC remote, the file ``MLOPS_SETTINGS`` names) are made absolute in the
+- settings whose values are paths relative to the checkout (a SQLite tracking URI, the artifact root,
+  spool and TensorBoard directory, a directory DVC remote, the file ``MLOPS_SETTINGS`` names) are made absolute in the
   environment (``MLOPS_<SECTION>__<KEY>``), so runs, models and pushed data land in the checkout's
   MLflow store and remote. ``checkpoint.dir`` stays relative: two runs of the same configuration
   must not share a rolling training tier, so checkpoints live in the workspace (or on S3). The
@@ -128,6 +128,8 @@ def settings_environment(settings: Any, checkout: Path, environ: dict[str, str],
         env["MLOPS_DATA_REMOTE__URL"] = _absolute(url, checkout)
     if environ.get("MLOPS_SETTINGS"):
         env["MLOPS_SETTINGS"] = _absolute(environ["MLOPS_SETTINGS"], checkout)
+    if settings.tracking.tensorboard_dir is not None:
+        env["MLOPS_TRACKING__TENSORBOARD_DIR"] = _absolute(settings.tracking.tensorboard_dir, checkout)
     cache = settings.checkpoint.autotune_cache_dir
     if cache is not None:
         env["MLOPS_CHECKPOINT__AUTOTUNE_CACHE_DIR"] = _absolute(cache, checkout)

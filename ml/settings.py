@@ -49,6 +49,7 @@ class TrackingConfig(Section):
     histogram_every_steps: Int | None = Field(default=50, gt=0, description="steps between weight/gradient histograms, or null for none")
     confusion_every_epoch: bool = Field(default=False, description="log a validation confusion matrix after every epoch")
     progress: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(default="auto", description="training progress bar (auto: only on a terminal)")
+    tensorboard_dir: str | None = Field(default=None, description="directory of the live TensorBoard logs (one <run id> directory each, removed once logged to the run), or null: mlops-tensorboard in the system's temporary directory")
 
 
 class CheckpointConfig(Section):

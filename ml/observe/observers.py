@@ -3,7 +3,7 @@ settings (:class:`ml.settings.TrackingConfig`): live TensorBoard scalars and wei
 histograms, the anomaly monitor, the progress bar, per-epoch validation confusion matrices, and the
 end-of-run summary report.
 
-TensorBoard: one writer into ``<tmp>/mlops-tensorboard/<run id>`` (:func:`ml.observe.tensorboard.tensorboard_root`),
+TensorBoard: one writer into ``<tracking.tensorboard_dir>/<run id>`` (:func:`ml.observe.tensorboard.tensorboard_root`),
 flushed every few seconds while the run trains; at the end its directory is logged under the
 run's ``histograms/`` artifacts and removed.
 
@@ -105,7 +105,7 @@ class Observers:
 
         if self.tensorboard_writer is None:
             run = getattr(self.tracker, "run_id", None) or self.workdir.name
-            self.tensorboard_dir = tensorboard_root() / run
+            self.tensorboard_dir = tensorboard_root(getattr(self.tracking, "tensorboard_dir", None)) / run
             self.tensorboard_writer = open_writer(self.tensorboard_dir)
             logger.info("train: TensorBoard: tensorboard --logdir %s", self.tensorboard_dir)
             print(f"train: TensorBoard while training: tensorboard --logdir {self.tensorboard_dir}", flush=True)

@@ -40,9 +40,12 @@ FLUSH_SECS = 5.0
 MB = 2**20
 
 
-def tensorboard_root() -> Path:
+def tensorboard_root(configured: str | None = None) -> Path:
     """Where the train stage writes each run's TensorBoard directory (``<root>/<run id>``) while it
-    trains: ``mlops-tensorboard`` in the system's temporary directory (``$TMPDIR``, else /tmp)."""
+    trains: ``configured`` (``tracking.tensorboard_dir``), else ``mlops-tensorboard`` in the system's
+    temporary directory (``$TMPDIR``, else /tmp)."""
+    if configured is not None:
+        return Path(configured).expanduser()
     return Path(tempfile.gettempdir()) / "mlops-tensorboard"
 
 

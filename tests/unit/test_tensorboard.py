@@ -131,3 +131,16 @@ def test_observers_log_the_tensorboard_directory_and_remove_it(tmp_path, monkeyp
         assert ("events", "histograms") in logged, every
         assert (("histograms", "histograms") in logged) == (every is not None)
         assert not logdir.exists()
+
+
+def test_the_tensorboard_directory_is_a_setting(tmp_path):
+    params = load_params(REPO / "params.yaml")
+    tracker = MetricsTracker()
+    observers = Observers(params, tracker, SimpleNamespace(classes=("a", "b")),
+                          TrackingConfig(histogram_every_steps=None, progress="off",
+                                         tensorboard_dir=str(tmp_path / "tb")))
+    splits = SimpleNamespace(x_train=None, y_train=torch.zeros(64), x_val=None, y_val=None)
+    run_fit(lambda m, o: observers.hooks(m, o, splits), tracker, epochs=1)
+    assert observers.tensorboard_dir == tmp_path / "tb" / "run-tb"
+    assert list(observers.tensorboard_dir.glob("events.out.tfevents.*"))
+    observers.close()

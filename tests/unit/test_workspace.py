@@ -46,8 +46,10 @@ def test_tracking_uri_relative_to_the_checkout(uri, expected):
     assert absolute_tracking_uri(uri, CHECKOUT) == expected
 
 
-def _settings(uri="sqlite:///mlflow.db", artifact_root="mlartifacts", remote=None, autotune_cache=None):
-    return SimpleNamespace(tracking=SimpleNamespace(uri=uri, artifact_root=artifact_root, spool_dir=".mlflow-spool"),
+def _settings(uri="sqlite:///mlflow.db", artifact_root="mlartifacts", remote=None, autotune_cache=None,
+              tensorboard=None):
+    return SimpleNamespace(tracking=SimpleNamespace(uri=uri, artifact_root=artifact_root, spool_dir=".mlflow-spool",
+                                                    tensorboard_dir=tensorboard),
                            data_remote=SimpleNamespace(url=remote),
                            checkpoint=SimpleNamespace(autotune_cache_dir=autotune_cache))
 
@@ -63,6 +65,8 @@ def test_settings_environment_makes_checkout_paths_absolute():
     assert remote["MLOPS_TRACKING__URI"] == "http://h:5000"
     assert remote["MLOPS_TRACKING__ARTIFACT_ROOT"] == "s3://b/artifacts"
     assert "MLOPS_DATA_REMOTE__URL" not in remote and "MLOPS_SETTINGS" not in remote
+    tb = settings_environment(_settings(tensorboard="tb"), CHECKOUT, {})
+    assert tb["MLOPS_TRACKING__TENSORBOARD_DIR"] == "/home/u/project/tb"
 
 
 def test_autotune_choices_outlive_the_workspace():
