@@ -11,8 +11,8 @@ registry version and its approval).
 Numbering: the first release of a model is 1.0.0; each later one bumps the minor version of the
 model's highest release, or the major version when the version was registered with
 ``register.allow_breaking_change`` (the ``breaking_change`` tag the register stage sets). A version
-keeps its release: promoting it again (a rollback, a re-promotion) publishes nothing and names the
-release that is live again. A release version that already exists in the production tier is
+keeps its release: promoting it again (a rollback, a re-promotion) publishes nothing, names the
+release that is live again and moves the production tier's ``latest`` back to it. A release version that already exists in the production tier is
 never overwritten.
 
 The version carries, as tags:
@@ -274,6 +274,7 @@ def publish_release(client: Any, name: str, version: str | int, checkpoint: Any,
         return None, f"{alias} takes no release (releases follow {CHAMPION})"
     existing = release_of(record.name, record.version, record.tags)
     if existing is not None:
+        _point_latest(existing.version, checkpoint)
         return existing, f"{name} v{record.version}: {existing.line()}"
     with tempfile.TemporaryDirectory(prefix="mlops-release-") as tmp:
         local = download_version(client, name, record.version, tmp)
@@ -301,6 +302,19 @@ def publish_release(client: Any, name: str, version: str | int, checkpoint: Any,
                        (RELEASE_WEIGHTS_TAG, release.weights_sha256), (RELEASE_LOCATION_TAG, release.location)):
         client.set_model_version_tag(name, record.version, key, value)
     return release, f"{name} v{record.version}: {release.line()}"
+
+
+def _point_latest(version: str, checkpoint: Any) -> None:
+    """The production tier's ``latest`` follows the live release when an older one is live again
+    (where this machine's tier holds it: a release published elsewhere leaves the pointer alone)."""
+    from ml.train.checkpoints import open_checkpoints
+
+    if checkpoint is None:
+        from ml.settings import load_settings
+
+        checkpoint = load_settings().checkpoint
+    with open_checkpoints(checkpoint) as manager:
+        manager.point_latest_release(version)
 
 
 def _verify_published(manager: Any, record: Any, version: str, digest: str) -> Release:

@@ -415,6 +415,18 @@ class CheckpointManager(CheckpointReader):
                               {"tier": "production", "version": version}, LATEST, {"name": version},
                               tree=False)
 
+    def point_latest_release(self, version: str) -> bool:
+        """Makes the production tier's ``latest`` name ``version``, a release already published,
+        locally and on the mirror: a rollback or re-promotion makes an older release live again.
+        Returns False, changing nothing, when no committed release ``version`` is here."""
+        self._writable()
+        if self.rank != 0 or version not in self.list("production"):
+            return False
+        write_pointer(self.tier_dir("production"), LATEST, {"name": version})
+        if self.mirror is not None:
+            self.mirror.write_pointer("production", LATEST, {"name": version})
+        return True
+
     def _save_now(self, tier: str, name: str, step: int | None, state: Mapping[str, Any],
                   extra: Mapping[str, bytes], meta: Mapping[str, Any], pointer: str, payload: Mapping[str, Any],
                   *, tree: bool = True) -> SaveStats:

@@ -178,9 +178,17 @@ def test_rollback_records_the_release_live_again_and_publishes_nothing(registry,
     last = store.alias_history(client, MODEL)[-1]
     assert (last["version"], last["previous"], last["release"], last["via"]) == ("1", "2", "1.0.0", "rollback")
     assert production(checkpoint) == ["1.0.0", "1.1.0"]
+    assert latest_release(checkpoint) == "1.0.0"  # the pointer follows the live release
     actions.promote_version(uri, MODEL, "2", checkpoint=checkpoint)  # promoted again: its own release is live
     assert store.alias_history(client, MODEL)[-1]["release"] == "1.1.0"
     assert production(checkpoint) == ["1.0.0", "1.1.0"]
+    assert latest_release(checkpoint) == "1.1.0"
+
+
+def latest_release(checkpoint) -> str:
+    from ml.checkpoint.reader import CheckpointReader
+
+    return CheckpointReader(checkpoint.dir).pointers("production")["latest"]
 
 
 def checkpoint_settings(registry):
