@@ -417,15 +417,18 @@ class CheckpointManager(CheckpointReader):
 
     def point_latest_release(self, version: str) -> bool:
         """Makes the production tier's ``latest`` name ``version``, a release already published,
-        locally and on the mirror: a rollback or re-promotion makes an older release live again.
-        Returns False, changing nothing, when no committed release ``version`` is here."""
+        locally and on the mirror, wherever that release is committed: a rollback or re-promotion
+        makes an older release live again. Returns False, changing nothing, where it is neither."""
         self._writable()
-        if self.rank != 0 or version not in self.list("production"):
+        if self.rank != 0:
             return False
-        write_pointer(self.tier_dir("production"), LATEST, {"name": version})
-        if self.mirror is not None:
+        local = version in self.list("production")
+        remote = self.mirror is not None and version in {name for name, _ in self.mirror.list("production")[0]}
+        if local:
+            write_pointer(self.tier_dir("production"), LATEST, {"name": version})
+        if remote:
             self.mirror.write_pointer("production", LATEST, {"name": version})
-        return True
+        return local or remote
 
     def _save_now(self, tier: str, name: str, step: int | None, state: Mapping[str, Any],
                   extra: Mapping[str, bytes], meta: Mapping[str, Any], pointer: str, payload: Mapping[str, Any],

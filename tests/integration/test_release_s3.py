@@ -55,3 +55,10 @@ def test_promotion_mirrors_the_release_and_it_restores_from_s3(registry, s3_endp
         released = manager.load_production("1.0.0")
     assert weights_sha256(released.weights) == record.tags[RELEASE_WEIGHTS_TAG]
     assert released.model_card["source"]["model_version"] == "1"
+
+    # the mirror's latest names the live release: the newest, then v1's again once it is re-promoted
+    actions.promote_version(uri, MODEL, "2", checkpoint=checkpoint)
+    assert mirror.read_pointer("production", "latest") == {"name": "1.1.0"}
+    shutil.rmtree(Path(checkpoint.dir))  # the release that is live again is on S3 alone
+    actions.promote_version(uri, MODEL, "1", checkpoint=checkpoint)
+    assert mirror.read_pointer("production", "latest") == {"name": "1.0.0"}
