@@ -14,10 +14,10 @@ from torch import nn
 
 from ml.settings import CheckpointConfig
 from ml.train.checkpoints import CheckpointContext
-from ml.train.distributed import RankSync, all_ranks_true, gather_digests, weights_digest, wrap_model
+from ml.train.distributed import RankSync, all_ranks_true, gather_digests, weights_digest
 from ml.train.stage import train
-from ml.train.step import train_step
 from tests.unit.test_restore_best import CrashAt, Interrupted, equal, saved
+from tests.unit.test_train_distributed import ddp_syncs_once_per_accumulated_step
 from tests.unit.test_rollback import Recorder, processed, train_config  # noqa: F401 - processed is a fixture
 
 pytestmark = [pytest.mark.cuda,
@@ -124,27 +124,4 @@ def test_the_loops_collectives_run_on_nccl(nccl_group):
 
 
 def test_ddp_on_nccl_syncs_once_per_accumulated_step_and_matches_the_plain_step(nccl_group):
-    torch.manual_seed(1)
-    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(CUDA)
-    wrapped = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(CUDA)
-    wrapped.load_state_dict(plain.state_dict())
-    ddp = wrap_model(wrapped, CUDA)
-    syncs = []
-
-    def count(state, bucket):
-        syncs.append(bucket.index())
-        fut = torch.futures.Future()
-        fut.set_result(bucket.buffer())
-        return fut
-
-    ddp.register_comm_hook(None, count)
-    batches = [(torch.randn(5, 6, device=CUDA), torch.randint(0, 3, (5,), device=CUDA)) for _ in range(3)]
-    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
-    opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    for _ in range(2):
-        out_plain = train_step(plain, opt_plain, batches)
-        out_ddp = train_step(ddp, opt_ddp, batches)
-    assert syncs == [0, 0]
-    assert torch.equal(out_plain.loss, out_ddp.loss) and not out_ddp.skipped
-    for key, value in plain.state_dict().items():
-        assert torch.equal(value, wrapped.state_dict()[key]), key
+    ddp_syncs_once_per_accumulated_step(CUDA)

@@ -114,11 +114,17 @@ def test_collectives_of_one_rank(one_rank_group):
 
 
 def test_ddp_syncs_gradients_once_per_accumulated_step_and_matches_the_plain_step(one_rank_group):
+    ddp_syncs_once_per_accumulated_step(CPU)
+
+
+def ddp_syncs_once_per_accumulated_step(device: torch.device) -> None:
+    """In a one-rank process group on ``device``: DDP all-reduces once per step of three
+    micro-batches (a comm hook counts the buckets), and the step equals the plain one."""
     torch.manual_seed(1)
-    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    wrapped = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+    wrapped = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
     wrapped.load_state_dict(plain.state_dict())
-    ddp = wrap_model(wrapped, CPU)
+    ddp = wrap_model(wrapped, device)
     syncs = []
 
     def count(state, bucket):
@@ -128,7 +134,7 @@ def test_ddp_syncs_gradients_once_per_accumulated_step_and_matches_the_plain_ste
         return fut
 
     ddp.register_comm_hook(None, count)
-    batches = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(3)]
+    batches = [(torch.randn(5, 6, device=device), torch.randint(0, 3, (5,), device=device)) for _ in range(3)]
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
     opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
     for _ in range(2):
