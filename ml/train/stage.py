@@ -17,6 +17,7 @@ import torch
 from ml.config import TrainConfig, flatten
 from ml.data.prepare import Schema, load_split
 from ml.io import atomic_write_json
+from ml.settings import autotune_cache_dir
 from ml.train.callbacks import EarlyStopping
 from ml.train.divergence import TrainingDiverged
 from ml.train.loop import Callback, LoopState, fit, record_stop, resolve_device, seed_everything

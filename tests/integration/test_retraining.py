@@ -200,7 +200,7 @@ def test_the_nightly_deployment_runs_the_retraining_with_its_trigger_paused(proj
         deployment = client.read_deployment_by_name("training-pipeline/nightly-retrain")
         automations = client.read_automations_by_name("retrain-on-new-data")
     assert deployment.entrypoint == "flows/retraining.py:retraining_pipeline"
-    assert deployment.parameter_openapi_schema["properties"].keys() == {"params_path", "source", "version_data"}
+    assert deployment.parameter_openapi_schema["properties"].keys() == {"params_path", "source", "version_data", "retune"}
     (automation,) = automations
     assert automation.enabled is False and automation.trigger.expect == {"mlops.data.new"}
     assert automation.actions[0].deployment_id == deployment.id
