@@ -38,10 +38,15 @@ def resolve_uri(uri: str) -> str:
 
 
 def configure_mlflow(cfg: TrackingConfig) -> Any:
-    """Points MLflow at ``cfg.uri`` (registry included) and returns a client. Called at run time only."""
+    """Points MLflow at ``cfg.uri`` (registry included) and returns a client. Called at run time only.
+
+    MLflow's own two lines per finished run on a tracking server (a run and an experiment URL on
+    stdout, outside any run's console capture) are turned off unless the user set
+    ``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``: the stages and flows print the URLs that matter."""
     import mlflow
     from mlflow import MlflowClient
 
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = resolve_uri(cfg.uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -50,6 +50,7 @@ def test_a_train_run_records_every_captured_field(server, tmp_path):
     for stage in ("prepare", "train"):
         done = run_module(f"tasks.{stage}", cwd=project)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert "View run" not in done.stdout and "View experiment" not in done.stdout  # MLflow's own URL lines
 
     client = MlflowClient(tracking_uri=server.url)
     experiment = client.get_experiment_by_name("mlops-pipeline")
