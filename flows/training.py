@@ -222,19 +222,33 @@ def training_pipeline(params_path: str = "params.yaml", version_data: bool = Tru
     return {**registered, "pipeline_run_id": parent, "pipeline_run_url": pipeline.url}
 
 
-def next_steps(registered: dict[str, Any]) -> str:
+def next_steps(registered: dict[str, Any], local_store: bool = True) -> str:
+    """The result and the commands that follow it. With a tracking server (not ``local_store``)
+    the pipeline run's page there replaces ``make ui``, which serves the local store."""
     name, version = registered["model_name"], registered["version"]
+    url = registered.get("pipeline_run_url")
+    ui = ("  make ui                                   # MLflow UI on http://127.0.0.1:5000 (and Prefect)"
+          if local_store or not url else f"  {url}   # the pipeline run on the tracking server")
     return "\n".join([
         f"Registered {name} version {version}: {registered['status']}",
         f"  test accuracy {registered['test_accuracy']:.4f}, dataset {registered['dataset_md5']}",
         "Next:",
-        "  make ui                                   # MLflow UI on http://127.0.0.1:5000 (and Prefect)",
+        ui,
         f"  .venv/bin/mlops models show {name} {version}",
         f"  .venv/bin/mlops models approve {name} {version} --reason '...'   (another user, or --allow-self-approval)",
         f"  .venv/bin/mlops models promote {name} {version}",
+        f"  .venv/bin/mlops lineage model {name} {version}   # version -> run -> dataset",
         "  .venv/bin/mlops serve                     # serves the champion, follows promotions",
-        "  .venv/bin/mlops lineage endpoint digits   # endpoint -> version -> run -> dataset",
+        "  .venv/bin/mlops lineage endpoint digits   # once serving: endpoint -> version -> run -> dataset",
     ])
+
+
+def uses_local_store() -> bool:
+    """Whether ``tracking.uri`` is a store on this machine (SQLite or a directory), not a server."""
+    from ml.settings import load_settings
+    from ml.tracking.mlflow_tracker import is_local_store
+
+    return is_local_store(load_settings().tracking.uri)
 
 
 @cli_errors
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     check_data_remote(versions_data(args.params, not args.no_version_data))
     quiet_flow_console()
     registered = training_pipeline(args.params, version_data=not args.no_version_data, retune=args.retune)
-    print(next_steps(registered))
+    print(next_steps(registered, uses_local_store()))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.training import next_steps, quiet_flow_console, start_pipeline_run
+from flows.training import next_steps, quiet_flow_console, start_pipeline_run, uses_local_store
 from flows.workspace import in_workspace
 from ml.errors import cli_errors
 from tasks.evaluate import evaluate_task
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                        for k, v in registered["best_params"].items())
     print(f"Study {registered['study']}: best trial {registered['best_trial']} "
           f"({registered['best_value']:.4f}) with {params}")
-    print(next_steps(registered))
+    print(next_steps(registered, uses_local_store()))
 
 
 if __name__ == "__main__":

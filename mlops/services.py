@@ -246,7 +246,11 @@ def check_database(url: str, timeout_s: float = 5.0) -> str | None:
         return None
     revision, has_tables = schema_revision(url, timeout_s)
     head = _get_latest_schema_revision()
-    upgrade = f"run `mlops db upgrade {make_url(url).render_as_string(hide_password=True)}`"
+    shown = make_url(url)
+    # never the password itself, but a command that reads as one to paste with it
+    upgrade = (f"run `mlops db upgrade {shown.set(password='PASSWORD').render_as_string(hide_password=False)}` "
+               "(with the URL's password)" if shown.password else
+               f"run `mlops db upgrade {shown.render_as_string(hide_password=False)}`")
     if revision == head:
         return revision
     if revision is None and not has_tables:

@@ -242,6 +242,14 @@ def test_db_upgrade_creates_the_schema_that_up_then_accepts(postgres, tmp_path):
     assert_refused(mlops("up", "--no-prefect", "--mlflow-port", str(port), "--backend-store", db, cwd=tmp_path),
                    tmp_path, port, f"127.0.0.1:{postgres.port}/{_database_name(db)}", "no MLflow schema yet",
                    f"run `mlops db upgrade {db}`")
+    from sqlalchemy.engine import make_url
+
+    with_password = make_url(db).set(password="s3cret")  # the cluster trusts loopback: any password passes
+    line = assert_refused(mlops("up", "--no-prefect", "--mlflow-port", str(port), "--backend-store",
+                                with_password.render_as_string(hide_password=False), cwd=tmp_path), tmp_path, port,
+                          f"run `mlops db upgrade {with_password.set(password='PASSWORD').render_as_string(False)}` "
+                          "(with the URL's password)")
+    assert "s3cret" not in line
 
     done = mlops("db", "upgrade", db, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -40,3 +40,18 @@ def test_quiet_known_errors_wraps_stream_handlers_once():
         logger.removeHandler(handler)
         for other, formatter in others:
             other.setFormatter(formatter)
+
+
+def test_the_next_commands_point_at_the_tracking_server_when_there_is_one():
+    from flows.training import next_steps
+
+    registered = {"model_name": "digits-classifier", "version": "3", "status": "PendingManualApproval",
+                  "test_accuracy": 0.975, "dataset_md5": "abc.dir",
+                  "pipeline_run_url": "http://tracking:5000/#/experiments/1/runs/r1"}
+    local = next_steps(registered, local_store=True).splitlines()
+    assert local[0] == "Registered digits-classifier version 3: PendingManualApproval"
+    assert local[3].strip().startswith("make ui")
+    server = next_steps(registered, local_store=False).splitlines()
+    assert server[3].strip().startswith("http://tracking:5000/#/experiments/1/runs/r1")
+    assert not any("make ui" in line for line in server)
+    assert any("mlops lineage model digits-classifier 3" in line for line in server)
