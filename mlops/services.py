@@ -10,6 +10,7 @@ into one line before anything is started, instead of a traceback in a server log
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import signal
@@ -299,6 +300,11 @@ def upgrade_database(url: str, timeout_s: float = 5.0) -> tuple[str | None, str 
 
     before, _ = schema_revision(url, timeout_s)
     engine = sqlalchemy.create_engine(parse_database_url(url), poolclass=NullPool)
+    # MLflow's and Alembic's progress lines (INFO) would repeat what the caller prints once
+    quiet = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
     try:
         if _is_empty_database(engine):
             _initialize_tables(engine)
@@ -307,6 +313,8 @@ def upgrade_database(url: str, timeout_s: float = 5.0) -> tuple[str | None, str 
     except (sqlalchemy.exc.SQLAlchemyError, CommandError, MlflowException) as exc:
         raise ServiceError(f"mlflow db upgrade {describe_database(url)} failed: {_first_line(exc)}") from None
     finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
         engine.dispose()
     after, _ = schema_revision(url, timeout_s)
     return before, after
