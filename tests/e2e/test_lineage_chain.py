@@ -69,7 +69,7 @@ def test_the_lineage_chain_is_complete_after_run_approve_promote_serve(tmp_path)
     # dataset-source and schema hints, DVC's lock file lines) are in the console logs of the runs;
     # Prefect's temporary server and MLflow's table creation are left out.
     result = ran.stdout[ran.stdout.index("Registered digits-classifier version 1"):]
-    assert result.rstrip().endswith("# endpoint -> version -> run -> dataset"), ran.stdout[-2000:]
+    assert result.rstrip().endswith("# once serving: endpoint -> version -> run -> dataset"), ran.stdout[-2000:]
     assert not foreign_terminal_lines(ran.stdout + ran.stderr, result), foreign_terminal_lines(ran.stdout + ran.stderr,
                                                                                               result)
     assert re.search(r"Task run 'train-\w+' - Finished in state Completed", ran.stderr), ran.stderr[-2000:]
