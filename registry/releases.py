@@ -12,8 +12,8 @@ Numbering: the first release of a model is 1.0.0; each later one bumps the minor
 model's highest release, or the major version when the version was registered with
 ``register.allow_breaking_change`` (the ``breaking_change`` tag the register stage sets). A version
 keeps its release: promoting it again (a rollback, a re-promotion) publishes nothing, names the
-release that is live again and moves the production tier's ``latest`` back to it. A release version that already exists in the production tier is
-never overwritten.
+release that is live again and moves the production tier's ``latest`` back to it. A release
+version that already exists in the production tier is never overwritten.
 
 The version carries, as tags:
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from typing import Any
 from ml.errors import RegistryError
 from registry.approval import CHAMPION
 from registry.signing import Keyring, directory_digest, verify_tags
+
+logger = logging.getLogger(__name__)
 
 RELEASE_VERSION_TAG = "release_version"
 RELEASE_SHA256_TAG = "release_sha256"
@@ -305,8 +308,10 @@ def publish_release(client: Any, name: str, version: str | int, checkpoint: Any,
 
 
 def _point_latest(version: str, checkpoint: Any) -> None:
-    """The production tier's ``latest`` follows the live release when an older one is live again
-    (where this machine's tier holds it: a release published elsewhere leaves the pointer alone)."""
+    """The production tier's ``latest`` follows the live release when an older one is live again,
+    locally and on the mirror, wherever the release is committed. An unreachable mirror leaves its
+    pointer as it was, with a warning: a rollback is never refused for it."""
+    from ml.checkpoint.s3 import CheckpointMirrorError
     from ml.train.checkpoints import open_checkpoints
 
     if checkpoint is None:
@@ -314,7 +319,10 @@ def _point_latest(version: str, checkpoint: Any) -> None:
 
         checkpoint = load_settings().checkpoint
     with open_checkpoints(checkpoint) as manager:
-        manager.point_latest_release(version)
+        try:
+            manager.point_latest_release(version)
+        except CheckpointMirrorError as exc:
+            logger.warning("production latest not moved to %s on the mirror: %s", version, exc)
 
 
 def _verify_published(manager: Any, record: Any, version: str, digest: str) -> Release:

@@ -423,9 +423,9 @@ class CheckpointManager(CheckpointReader):
         if self.rank != 0:
             return False
         local = version in self.list("production")
-        remote = self.mirror is not None and version in {name for name, _ in self.mirror.list("production")[0]}
-        if local:
+        if local:  # before the mirror is asked, so an unreachable mirror leaves the local pointer right
             write_pointer(self.tier_dir("production"), LATEST, {"name": version})
+        remote = self.mirror is not None and version in {name for name, _ in self.mirror.list("production")[0]}
         if remote:
             self.mirror.write_pointer("production", LATEST, {"name": version})
         return local or remote
