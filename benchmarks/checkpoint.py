@@ -8,7 +8,8 @@ take about ``--size-mb``, trained on a fixed batch. The same loop runs without c
 each of three ways to checkpoint every ``--every`` steps (``auto``: at least 8, and enough steps that
 one of our saves, timed once with the loop idle, is durable twice over before the next is due: a
 loop that asks for checkpoints faster than the disk takes them measures the disk's back-pressure,
-not the checkpoint's stall, which on a GPU, where a step takes milliseconds, 8 steps would do): ``torch.save`` of the model and optimizer
+not the checkpoint's stall, which on a GPU, where a step takes milliseconds, 8 steps would do):
+``torch.save`` of the model and optimizer
 state dicts followed by fsync; ``torch.distributed.checkpoint.async_save`` (the previous save is
 awaited before the next, as its documentation asks); and :class:`ml.checkpoint.manager.CheckpointManager`
 through the same call :class:`ml.train.checkpoints.CheckpointHook` makes, with its defaults (CRC-32C

@@ -43,7 +43,7 @@ from tasks.prepare import prepare_task
 from tasks.register import register_task
 from tasks.retrain import (SKIP, Decision, baselines, compare_on_splits, compared_params, dataset_diff,
                            decide, materialize_dvc_dir, summary_markdown)
-from tasks.train import train_task
+from tasks.train import FLAGS as TRAIN_FLAGS, train_task
 from tasks.validate import validate_task
 
 SOURCES_DIR = "data/sources"  # local copies of S3 sources, which prepare reads
@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", default=None,
                         help="sklearn:<name>, a .csv/.parquet path or s3://bucket/key (default: params' data.source)")
     parser.add_argument("--no-version-data", action="store_true", help="do not commit outputs to DVC")
-    parser.add_argument("--retune", action="store_true",
-                        help="train.optimize auto: measure the candidate setups again instead of reusing the cached choice")
+    parser.add_argument("--retune", action="store_true", help=TRAIN_FLAGS["--retune"])
     args = parser.parse_args(argv)
     from ml.config import load_params
 

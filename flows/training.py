@@ -23,7 +23,7 @@ from tasks.entry import should_retry
 from tasks.evaluate import evaluate_task
 from tasks.prepare import prepare_task
 from tasks.register import register_task
-from tasks.train import train_task
+from tasks.train import FLAGS as TRAIN_FLAGS, train_task
 from tasks.validate import validate_task
 
 STAGES = ("prepare", "validate", "train", "evaluate", "register")
@@ -256,8 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.training", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-version-data", action="store_true", help="do not commit outputs to DVC")
-    parser.add_argument("--retune", action="store_true",
-                        help="train.optimize auto: measure the candidate setups again instead of reusing the cached choice")
+    parser.add_argument("--retune", action="store_true", help=TRAIN_FLAGS["--retune"])
     args = parser.parse_args(argv)
     # the flow checks the remote too (deployments start there); here it is refused before Prefect starts
     check_data_remote(versions_data(args.params, not args.no_version_data))

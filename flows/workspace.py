@@ -18,13 +18,14 @@ In it:
   DVC's site cache (``core.site_cache_dir``) is inside the workspace, removed with it.
 - data a user added with ``dvc add`` (``*.dvc`` files in git) is checked out from that cache, or
   pulled from the DVC remote when the cache lacks it.
-- settings whose values are paths relative to the checkout (a SQLite tracking URI, the artifact root,
-  spool and TensorBoard directory, a directory DVC remote, the file ``MLOPS_SETTINGS`` names) are made absolute in the
-  environment (``MLOPS_<SECTION>__<KEY>``), so runs, models and pushed data land in the checkout's
-  MLflow store and remote. ``checkpoint.dir`` stays relative: two runs of the same configuration
-  must not share a rolling training tier, so checkpoints live in the workspace (or on S3). The
-  cached choices of ``train.optimize: auto`` (``checkpoint.autotune_cache_dir``) live in the
-  workspaces' root unless set, so a deployment run does not measure again what an earlier one did.
+- settings whose values are paths relative to the checkout (a SQLite tracking URI, the artifact
+  root, spool and TensorBoard directory, a directory DVC remote, the file ``MLOPS_SETTINGS`` names)
+  are made absolute in the environment (``MLOPS_<SECTION>__<KEY>``), so runs, models and pushed
+  data land in the checkout's MLflow store and remote. ``checkpoint.dir`` stays relative: two runs
+  of the same configuration must not share a rolling training tier, so checkpoints live in the
+  workspace (or on S3). The cached choices of ``train.optimize: auto``
+  (``checkpoint.autotune_cache_dir``) live in the workspaces' root unless set, so a deployment run
+  does not measure again what an earlier one did.
 
 A flow run that succeeds removes its workspace (``git worktree remove --force``); one that fails
 keeps it for inspection and logs its path (remove it with ``git worktree remove --force PATH``; a

@@ -105,7 +105,7 @@ class Observers:
 
         if self.tensorboard_writer is None:
             run = getattr(self.tracker, "run_id", None) or self.workdir.name
-            self.tensorboard_dir = tensorboard_root(getattr(self.tracking, "tensorboard_dir", None)) / run
+            self.tensorboard_dir = tensorboard_root(self.tracking.tensorboard_dir) / run
             self.tensorboard_writer = open_writer(self.tensorboard_dir)
             logger.info("train: TensorBoard: tensorboard --logdir %s", self.tensorboard_dir)
             print(f"train: TensorBoard while training: tensorboard --logdir {self.tensorboard_dir}", flush=True)
